@@ -1,0 +1,148 @@
+package fsm
+
+import (
+	"bytes"
+	"io"
+	"testing"
+
+	"github.com/hashicorp/raft"
+	"github.com/stretchr/testify/require"
+)
+
+type recorder struct {
+	assigned []Assignment
+	revoked  []Assignment
+	released []Ref
+}
+
+func (r *recorder) Assigned(a []Assignment) { r.assigned = append(r.assigned, a...) }
+func (r *recorder) Revoked(a []Assignment)  { r.revoked = append(r.revoked, a...) }
+func (r *recorder) Released(x []Ref)        { r.released = append(r.released, x...) }
+
+func apply(t *testing.T, f *FSM, typ MessageType, v any) Result {
+	t.Helper()
+	b, err := Encode(typ, v)
+	require.NoError(t, err)
+	out := f.Apply(&raft.Log{Index: 1, Data: b})
+	raw, ok := out.([]byte)
+	require.True(t, ok, "apply returned %T: %v", out, out)
+	res, err := DecodeResult(raw)
+	require.NoError(t, err)
+	return res
+}
+
+func TestEveryTypeHasHandler(t *testing.T) {
+	for _, typ := range []MessageType{MsgAssign, MsgRelease, MsgRevoke, MsgRegister, MsgForget, MsgSetID} {
+		_, ok := handlers[typ]
+		require.True(t, ok, "no handler for type %d", typ)
+	}
+	f := New(nil)
+	out := f.Apply(&raft.Log{Data: []byte{250, '{', '}'}})
+	require.ErrorIs(t, out.(error), ErrUnknownType)
+}
+
+func TestCorruptEntryPanics(t *testing.T) {
+	f := New(nil)
+	require.Panics(t, func() { f.Apply(&raft.Log{Data: []byte{byte(MsgAssign), '{', 'x'}}) })
+}
+
+func TestAssignReleaseCounts(t *testing.T) {
+	rec := &recorder{}
+	f := New(rec)
+	res := apply(t, f, MsgAssign, Assign{Term: 2, Items: []Assignment{
+		{TaskID: 1, Attempt: 1, Node: "a", Pool: "p"},
+		{TaskID: 2, Attempt: 1, Node: "b", Pool: "p"},
+		{TaskID: 3, Attempt: 1, Pool: "q", External: true},
+	}})
+	require.Equal(t, 3, res.Changed)
+	require.Empty(t, res.Rejected)
+	c := f.Counts()
+	require.Equal(t, 2, c.Workers, "external tasks hold no worker slot")
+	require.Equal(t, map[string]int{"p": 2, "q": 1}, c.Pools)
+	require.Equal(t, map[string]int{"a": 1, "b": 1}, c.PerNode)
+	require.Len(t, rec.assigned, 3)
+
+	// A task already held cannot be assigned again (one attempt at a time).
+	res = apply(t, f, MsgAssign, Assign{Term: 2, Items: []Assignment{{TaskID: 1, Attempt: 2, Node: "b", Pool: "p"}}})
+	require.Equal(t, []Ref{{1, 2}}, res.Rejected)
+	// An older term cannot assign.
+	res = apply(t, f, MsgAssign, Assign{Term: 1, Items: []Assignment{{TaskID: 9, Attempt: 1, Node: "b", Pool: "p"}}})
+	require.Equal(t, []Ref{{9, 1}}, res.Rejected)
+	require.Equal(t, 3, f.Counts().Total)
+
+	// Release with a wrong attempt is fenced out.
+	res = apply(t, f, MsgRelease, Release{Items: []ReleaseItem{{Ref: Ref{1, 7}}}})
+	require.Equal(t, 0, res.Changed)
+	res = apply(t, f, MsgRelease, Release{Items: []ReleaseItem{{Ref: Ref{1, 1}}, {Ref: Ref{3, 1}}}})
+	require.Equal(t, 2, res.Changed)
+	c = f.Counts()
+	require.Equal(t, 1, c.Workers)
+	require.Equal(t, map[string]int{"p": 1}, c.Pools)
+	require.Equal(t, []Ref{{1, 1}, {3, 1}}, rec.released)
+}
+
+func TestYieldHoldsPoolNotWorker(t *testing.T) {
+	f := New(nil)
+	apply(t, f, MsgAssign, Assign{Term: 1, Items: []Assignment{{TaskID: 1, Attempt: 1, Node: "a", Pool: "p"}}})
+	apply(t, f, MsgRelease, Release{Items: []ReleaseItem{{Ref: Ref{1, 1}, Yielded: true, HoldPool: true}}})
+	c := f.Counts()
+	require.Equal(t, 0, c.Workers)
+	require.Equal(t, map[string]int{"p": 1}, c.Pools)
+	a, ok := f.Get(1)
+	require.True(t, ok)
+	require.True(t, a.Yielded)
+	// Finishing the yielded task frees the pool slot.
+	apply(t, f, MsgRelease, Release{Items: []ReleaseItem{{Ref: Ref{1, 1}}}})
+	require.Equal(t, 0, f.Counts().Total)
+	require.Empty(t, f.Counts().Pools)
+}
+
+func TestRevokeKeepsCountingUntilRelease(t *testing.T) {
+	rec := &recorder{}
+	f := New(rec)
+	apply(t, f, MsgAssign, Assign{Term: 1, Items: []Assignment{{TaskID: 1, Attempt: 1, Node: "a", Pool: "p"}}})
+	res := apply(t, f, MsgRevoke, Revoke{Items: []Ref{{1, 1}, {1, 2}, {5, 1}}})
+	require.Equal(t, 1, res.Changed)
+	require.Len(t, rec.revoked, 1)
+	require.Equal(t, 1, f.Counts().Workers, "a revoked attempt still holds its slot until its node releases it")
+	res = apply(t, f, MsgRevoke, Revoke{Items: []Ref{{1, 1}}})
+	require.Equal(t, 0, res.Changed, "revoke is idempotent")
+}
+
+func TestSnapshotRestore(t *testing.T) {
+	f := New(nil)
+	apply(t, f, MsgRegister, Register{Node: "a", Incarnation: "i1"})
+	apply(t, f, MsgSetID, SetID{ClusterID: "c1"})
+	require.Equal(t, 0, apply(t, f, MsgSetID, SetID{ClusterID: "c2"}).Changed, "the cluster id is set once")
+	apply(t, f, MsgAssign, Assign{Term: 3, Items: []Assignment{
+		{TaskID: 1, Attempt: 1, Node: "a", Incarnation: "i1", Pool: "p", Deadline: 1000},
+		{TaskID: 2, Attempt: 4, Pool: "q", External: true, Deadline: 2000},
+		{TaskID: 3, Attempt: 1, Node: "a", Incarnation: "i1", Pool: "p"},
+	}})
+	apply(t, f, MsgRelease, Release{Items: []ReleaseItem{{Ref: Ref{3, 1}, Yielded: true, HoldPool: true}}})
+	apply(t, f, MsgRevoke, Revoke{Items: []Ref{{1, 1}}})
+
+	snap, err := f.Snapshot()
+	require.NoError(t, err)
+	sink := &memSink{}
+	require.NoError(t, snap.Persist(sink))
+
+	g := New(nil)
+	require.NoError(t, g.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))))
+	require.Equal(t, f.Assignments(), g.Assignments())
+	require.Equal(t, f.Counts(), g.Counts())
+	require.Equal(t, f.Nodes(), g.Nodes())
+	require.Equal(t, "c1", g.ClusterID())
+	// The restored term still fences older leaders.
+	res := apply(t, g, MsgAssign, Assign{Term: 2, Items: []Assignment{{TaskID: 7, Attempt: 1, Pool: "p"}}})
+	require.Len(t, res.Rejected, 1)
+
+	require.Error(t, g.Restore(io.NopCloser(bytes.NewReader([]byte(`{"version":99}`)))))
+	require.Equal(t, f.Assignments(), g.Assignments(), "a failed restore leaves state untouched")
+}
+
+type memSink struct{ bytes.Buffer }
+
+func (m *memSink) ID() string    { return "mem" }
+func (m *memSink) Cancel() error { return nil }
+func (m *memSink) Close() error  { return nil }
