@@ -1,0 +1,93 @@
+package pgstore_test
+
+import (
+	"context"
+	"testing"
+
+	"github.com/asyncnode/asyncnode/pgstore"
+	"github.com/hashicorp/go-hclog"
+	"github.com/stretchr/testify/require"
+)
+
+func TestMigrateTwiceIsNoop(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	dsn := h.EmptyDB(t)
+
+	applied, err := pgstore.Migrate(ctx, dsn, hclog.NewNullLogger())
+	require.NoError(t, err)
+	want := make([]int, pgstore.CurrentVersion())
+	for i := range want {
+		want[i] = i + 1
+	}
+	require.Equal(t, want, applied)
+
+	db := connect(t, dsn)
+	before := queryStrings(t, db, `SELECT version || ':' || name || ':' || applied_at FROM async.schema_migrations ORDER BY version`)
+	require.Len(t, before, pgstore.CurrentVersion())
+
+	applied, err = pgstore.Migrate(ctx, dsn, nil)
+	require.NoError(t, err)
+	require.Empty(t, applied)
+	after := queryStrings(t, db, `SELECT version || ':' || name || ':' || applied_at FROM async.schema_migrations ORDER BY version`)
+	require.Equal(t, before, after)
+}
+
+func TestMigrateConcurrent(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	dsn := h.EmptyDB(t)
+	const n = 4
+	results := make(chan []int, n)
+	errs := make(chan error, n)
+	for range n {
+		go func() {
+			applied, err := pgstore.Migrate(ctx, dsn, nil)
+			results <- applied
+			errs <- err
+		}()
+	}
+	total := 0
+	for range n {
+		require.NoError(t, <-errs)
+		total += len(<-results)
+	}
+	require.Equal(t, pgstore.CurrentVersion(), total, "each migration applied exactly once")
+}
+
+func TestMigrateRefusesNewerSchema(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	dsn := h.DB(t)
+	c := connect(t, dsn)
+	exec(t, c, `INSERT INTO async.schema_migrations (version, name) VALUES ($1, 'future')`, pgstore.CurrentVersion()+1)
+	_, err := pgstore.Migrate(ctx, dsn, nil)
+	require.ErrorIs(t, err, pgstore.ErrSchemaTooNew)
+}
+
+func TestMigrateUpgradesOlderSchema(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	dsn := h.DB(t)
+	c := connect(t, dsn)
+	// Pretend the last migration was never applied: drop what it created.
+	exec(t, c, `DROP VIEW async.v_target, async.v_concurrency_pool, async.v_running_task, async.v_target_status`)
+	exec(t, c, `DELETE FROM async.schema_migrations WHERE version = 4`)
+	applied, err := pgstore.Migrate(ctx, dsn, nil)
+	require.NoError(t, err)
+	require.Equal(t, []int{4}, applied)
+	require.Equal(t, []string{"4"}, queryStrings(t, c, `SELECT max(version)::text FROM async.schema_migrations`))
+	queryStrings(t, c, `SELECT target FROM async.v_target`)
+}
+
+func TestMigrateRefusesForeignSchema(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	dsn := h.EmptyDB(t)
+	c := connect(t, dsn)
+	exec(t, c, `CREATE SCHEMA async; CREATE TABLE async.control (enabled bool)`)
+	_, err := pgstore.Migrate(ctx, dsn, nil)
+	require.ErrorContains(t, err, "did not install")
+	require.Equal(t, []string{"control"}, queryStrings(t, c,
+		`SELECT relname::text FROM pg_class WHERE relnamespace = 'async'::regnamespace`), "nothing created")
+}

@@ -1,0 +1,76 @@
+-- Claim READY, eligible tasks in (priority, entered, task_id) order under the
+-- pool limits and the global limit, in one statement.
+--   $1 now (timestamptz)
+--   $2 slots: the node of each free global worker slot (text[]); its length
+--      is the global limit, the i-th claimed query task goes to $2[i]
+--   $3, $4 pool names and the slots they hold now (text[], int[])
+-- Pools with READY rows are found by a loose index scan (recursive CTE) over
+-- task_ready_idx; each pool then reads at most its free room from the same
+-- index. Finished history is never touched.
+WITH RECURSIVE
+ctl AS (
+  SELECT c.default_concurrency_pool_workers AS pool_default, c.default_timeout
+    FROM async.control c
+   LIMIT 1),
+pools AS (
+  SELECT (SELECT t.concurrency_pool FROM async.task t
+           WHERE t.consumed IS NULL AND t.processed IS NULL AND t.yielded IS NULL
+           ORDER BY t.concurrency_pool
+           LIMIT 1) AS pool
+  UNION ALL
+  SELECT (SELECT t.concurrency_pool FROM async.task t
+           WHERE t.consumed IS NULL AND t.processed IS NULL AND t.yielded IS NULL
+             AND t.concurrency_pool > p.pool
+           ORDER BY t.concurrency_pool
+           LIMIT 1)
+    FROM pools p
+   WHERE p.pool IS NOT NULL),
+room AS (
+  SELECT p.pool,
+         least(coalesce(cp.max_workers, ctl.pool_default, 0) - coalesce(r.running, 0),
+               cardinality($2::text[])) AS n
+    FROM pools p
+   CROSS JOIN ctl
+    LEFT JOIN async.concurrency_pool cp ON cp.concurrency_pool = p.pool
+    LEFT JOIN unnest($3::text[], $4::int[]) AS r(pool, running) ON r.pool = p.pool
+   WHERE p.pool IS NOT NULL),
+cand AS (
+  SELECT c.task_id, c.priority, c.entered, c.external
+    FROM room
+   CROSS JOIN LATERAL (
+     SELECT t.task_id, t.priority, t.entered, t.query IS NULL AS external
+       FROM async.task t
+      WHERE t.concurrency_pool = room.pool
+        AND t.consumed IS NULL AND t.processed IS NULL AND t.yielded IS NULL
+        AND (t.eligible_when IS NULL OR t.eligible_when <= $1::timestamptz)
+      ORDER BY t.priority, t.entered, t.task_id
+      LIMIT greatest(room.n, 0)
+        FOR UPDATE OF t SKIP LOCKED) c),
+picked AS (
+  SELECT cand.task_id, cand.priority, cand.entered, cand.external
+    FROM cand
+   ORDER BY cand.priority, cand.entered, cand.task_id
+   LIMIT cardinality($2::text[])),
+numbered AS (
+  SELECT picked.task_id, picked.external,
+         row_number() OVER (PARTITION BY picked.external
+                            ORDER BY picked.priority, picked.entered, picked.task_id) AS qpos
+    FROM picked),
+upd AS (
+  UPDATE async.task t SET
+    attempt = t.attempt + 1,
+    consumed = $1::timestamptz,
+    started = NULL,
+    times_up = $1::timestamptz + coalesce(t.manual_timeout,
+                                          (SELECT tg.default_timeout FROM async.target tg WHERE tg.target = t.target),
+                                          (SELECT ctl.default_timeout FROM ctl)),
+    node = CASE WHEN n.external THEN NULL ELSE ($2::text[])[n.qpos::int] END,
+    tracked = true
+    FROM numbered n
+   WHERE t.task_id = n.task_id
+  RETURNING t.task_id, t.attempt, t.node, t.concurrency_pool, t.target, t.times_up, n.external,
+            t.priority, t.entered)
+SELECT upd.task_id, upd.attempt, coalesce(upd.node, ''), upd.concurrency_pool, upd.target, upd.times_up,
+       upd.external
+  FROM upd
+ ORDER BY upd.priority, upd.entered, upd.task_id

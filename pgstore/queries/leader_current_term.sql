@@ -1,0 +1,1 @@
+SELECT l.term FROM async.leader l

@@ -1,0 +1,1 @@
+SELECT p.concurrency_pool, p.max_workers FROM async.concurrency_pool p

@@ -1,0 +1,5 @@
+CREATE SCHEMA IF NOT EXISTS async;
+CREATE TABLE IF NOT EXISTS async.schema_migrations (
+  version INT PRIMARY KEY,
+  name TEXT NOT NULL,
+  applied_at TIMESTAMPTZ NOT NULL DEFAULT now())

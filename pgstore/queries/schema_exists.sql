@@ -1,0 +1,1 @@
+SELECT to_regclass('async.schema_migrations') IS NOT NULL

@@ -1,0 +1,146 @@
+package pgstore
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Store is the server database seen from Go: a pgx pool plus the
+// configuration for the dedicated connections (leadership, LISTEN).
+type Store struct {
+	dsn  string // kept only to scrub passwords from driver errors
+	pool *pgxpool.Pool
+	conn *pgx.ConnConfig // template for dedicated connections
+	log  hclog.Logger
+}
+
+// Open connects to the server database (a pgxpool; pool_max_conns and the
+// other pgxpool settings may be given in the DSN) and checks that it
+// answers. Errors and logs show the DSN masked (MaskDSN). log may be nil.
+func Open(ctx context.Context, dsn string, log hclog.Logger) (*Store, error) {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: parse server DSN %s: %w", MaskDSN(dsn), redact(err, dsn))
+	}
+	if _, ok := cfg.ConnConfig.RuntimeParams["application_name"]; !ok {
+		cfg.ConnConfig.RuntimeParams["application_name"] = "asyncnode"
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: open server database %s: %w", MaskDSN(dsn), redact(err, dsn))
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("pgstore: connect to server database %s: %w", MaskDSN(dsn), redact(err, dsn))
+	}
+	log.Debug("connected to server database", "dsn", MaskDSN(dsn))
+	return &Store{dsn: dsn, pool: pool, conn: cfg.ConnConfig.Copy(), log: log}, nil
+}
+
+// Close closes the pool. Leaderships and listeners have their own
+// connections and are ended by Release / their context.
+func (s *Store) Close() { s.pool.Close() }
+
+// Pool is the underlying pgx pool, for callers that need plain SQL (tests,
+// the CLI's status output).
+func (s *Store) Pool() *pgxpool.Pool { return s.pool }
+
+// wrap translates a driver error for operation op.
+func (s *Store) wrap(op string, err error) error { return translate(op, s.dsn, err) }
+
+// dedicated opens a connection outside the pool, named appName in
+// pg_stat_activity.
+func (s *Store) dedicated(ctx context.Context, appName string) (*pgx.Conn, error) {
+	cfg := s.conn.Copy()
+	cfg.RuntimeParams["application_name"] = appName
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: connect to server database %s: %w", MaskDSN(s.dsn), redact(err, s.dsn))
+	}
+	return conn, nil
+}
+
+func termArg(term uint64) (int64, error) {
+	if term > math.MaxInt64 {
+		return 0, fmt.Errorf("pgstore: term %d does not fit in a bigint", term)
+	}
+	return int64(term), nil
+}
+
+// fenced runs the statements queued by queue after the leader-term fence,
+// all in one batch: one round trip and one implicit transaction, so the
+// fence's share lock on async.leader covers the writes, and a stale term
+// (ErrStaleTerm) rolls everything back.
+func (s *Store) fenced(ctx context.Context, op string, term uint64, queue func(b *pgx.Batch)) error {
+	t, err := termArg(term)
+	if err != nil {
+		return err
+	}
+	b := &pgx.Batch{}
+	b.Queue(qAssertLeaderTerm, t)
+	queue(b)
+	if err := s.pool.SendBatch(ctx, b).Close(); err != nil {
+		return s.wrap(op, err)
+	}
+	return nil
+}
+
+func micros(us int64) time.Duration { return time.Duration(us) * time.Microsecond }
+
+// LoadConfig reads async.control, async.concurrency_pool and async.target.
+// The scheduler calls it every pass, so limit changes apply at once (D6).
+func (s *Store) LoadConfig(ctx context.Context) (Config, error) {
+	cfg := Config{Pools: map[string]int{}, Targets: map[string]Target{}}
+	b := &pgx.Batch{}
+	b.Queue(qLoadControl).QueryRow(func(row pgx.Row) error {
+		c := &cfg.Control
+		var idle, dt, keep, heavy int64
+		var workers, poolDefault int32
+		if err := row.Scan(&c.Enabled, &c.Paused, &workers, &idle, &dt, &keep, &heavy,
+			&c.AdvisoryMutexID, &poolDefault, &c.LastHeavyMaintenance); err != nil {
+			return err
+		}
+		c.Workers, c.DefaultPoolWorkers = int(workers), int(poolDefault)
+		c.IdleSleep, c.DefaultTimeout, c.TaskKeepDuration, c.HeavyMaintenanceSleep = micros(idle), micros(dt), micros(keep), micros(heavy)
+		return nil
+	})
+	b.Queue(qLoadPools).Query(func(rows pgx.Rows) error {
+		var name string
+		var limit int32
+		_, err := pgx.ForEachRow(rows, []any{&name, &limit}, func() error {
+			cfg.Pools[name] = int(limit)
+			return nil
+		})
+		return err
+	})
+	b.Queue(qLoadTargets).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var t Target
+			var limit int32
+			var dt *int64
+			if err := rows.Scan(&t.Name, &t.ConnString, &limit, &dt, &t.Async); err != nil {
+				return err
+			}
+			t.MaxConcurrency = int(limit)
+			if dt != nil {
+				d := micros(*dt)
+				t.DefaultTimeout = &d
+			}
+			cfg.Targets[t.Name] = t
+		}
+		return rows.Err()
+	})
+	if err := s.pool.SendBatch(ctx, b).Close(); err != nil {
+		return Config{}, s.wrap("load config", err)
+	}
+	return cfg, nil
+}

@@ -1,0 +1,686 @@
+package pgstore_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/asyncnode/asyncnode/pgstore"
+	"github.com/stretchr/testify/require"
+)
+
+func TestOpenErrors(t *testing.T) {
+	t.Parallel()
+	ctx := ctxT(t)
+	_, err := pgstore.Open(ctx, "host=127.0.0.1 port=notaport password=hunter2", nil)
+	require.Error(t, err)
+	require.NotContains(t, err.Error(), "hunter2")
+	_, err = pgstore.Open(ctx, "host=127.0.0.1 password='un terminated hunter2", nil)
+	require.Error(t, err)
+	require.NotContains(t, err.Error(), "hunter2")
+	_, err = pgstore.Open(ctx, "postgres://u:hunter2@127.0.0.1:1/db?connect_timeout=2", nil)
+	require.Error(t, err)
+	require.NotContains(t, err.Error(), "hunter2")
+	require.Contains(t, err.Error(), "xxxxx")
+	_, err = pgstore.Migrate(ctx, "postgres://u:hunter2@127.0.0.1:1/db?connect_timeout=2", nil)
+	require.Error(t, err)
+	require.NotContains(t, err.Error(), "hunter2")
+}
+
+func TestCheckSchema(t *testing.T) {
+	t.Parallel()
+	ctx := ctxT(t)
+	empty := h.EmptyDB(t)
+	s, err := pgstore.Open(ctx, empty, nil)
+	require.NoError(t, err)
+	defer s.Close()
+	require.ErrorIs(t, s.CheckSchema(ctx), pgstore.ErrSchemaMissing)
+	_, err = s.LoadConfig(ctx)
+	require.ErrorIs(t, err, pgstore.ErrSchemaMissing, "a missing schema is reported as such by every call")
+
+	_, s, c := newDB(t)
+	require.NoError(t, s.CheckSchema(ctx))
+	exec(t, c, `DELETE FROM async.schema_migrations WHERE version = $1`, pgstore.CurrentVersion())
+	require.ErrorIs(t, s.CheckSchema(ctx), pgstore.ErrSchemaOutdated)
+	exec(t, c, `INSERT INTO async.schema_migrations (version, name) VALUES ($1, 'x'), ($2, 'future')`,
+		pgstore.CurrentVersion(), pgstore.CurrentVersion()+1)
+	require.ErrorIs(t, s.CheckSchema(ctx), pgstore.ErrSchemaTooNew)
+}
+
+func TestClaimOrderAndLimits(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"control": {"default_concurrency_pool_workers": 2},
+	    "targets": [{"target": "SELF", "max_concurrency": 3}, {"target": "t2", "max_concurrency": 10}],
+	    "concurrency_pools": [{"concurrency_pool": "big", "max_workers": 100}]}')`)
+	takeLead(t, s, 7)
+	// Priorities across pools, FIFO within a priority.
+	a := queryIDs(t, c, `SELECT async.push_tasks(array[
+	    async.task('a1', 'SELF', priority := 5), async.task('a2', 'SELF', priority := 1), async.task('a3', 'SELF', priority := 1),
+	    async.task('a4', 'SELF', priority := 1), async.task('a5', 'SELF', priority := 0)])`)
+	b := queryIDs(t, c, `SELECT async.push_tasks(array[
+	    async.task('b1', 't2', priority := 1), async.task('b2', 't2', priority := 9),
+	    async.task('u1', 't2', concurrency_pool := 'unconfigured'), async.task('u2', 't2', concurrency_pool := 'unconfigured'),
+	    async.task('u3', 't2', concurrency_pool := 'unconfigured'),
+	    async.task(NULL, 't2', priority := 1)])`)
+
+	now := time.Now().Truncate(time.Microsecond)
+	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 7, Slots: []string{"x", "y", "z", "x", "y", "z", "x", "y", "z", "x"}, Now: now})
+	require.NoError(t, err)
+	// SELF gives 3 (limit), unconfigured gives 2 (default), t2 gives all.
+	var got []int64
+	for _, x := range cl {
+		got = append(got, x.TaskID)
+	}
+	// order: a5 (p0), u1, u2 (p0), a2, a3 (p1; a4 over SELF's limit), b1, ext (p1), a1 (p5), b2 (p9)
+	require.Equal(t, []int64{a[4], b[2], b[3], a[1], a[2], b[0], b[5], b[1]}, got)
+	wantNodes := []string{"x", "y", "z", "x", "y", "z", "", "x"}
+	for i, x := range cl {
+		require.Equal(t, wantNodes[i], x.Node, "task %d", i)
+		require.Equal(t, x.Node == "", x.External)
+		require.EqualValues(t, 1, x.Attempt)
+		require.WithinDuration(t, now.Add(time.Hour), x.Deadline, time.Millisecond, "control default_timeout")
+	}
+	require.Equal(t, "unconfigured", cl[1].Pool)
+	require.Equal(t, "t2", cl[1].Target)
+	var consumed time.Time
+	var tracked bool
+	require.NoError(t, c.QueryRow(ctx, `SELECT consumed, tracked FROM async.task WHERE task_id = $1`, a[4]).Scan(&consumed, &tracked))
+	require.True(t, consumed.Equal(now))
+	require.True(t, tracked)
+
+	// Nothing left within the limits, even with free slots.
+	require.Empty(t, claim(t, s, 7, 10, map[string]int{"SELF": 3, "unconfigured": 2}))
+	// PoolRunning below the real number: room = limit - PoolRunning.
+	cl = claim(t, s, 7, 10, map[string]int{"SELF": 2, "unconfigured": 1, "t2": 10})
+	require.Len(t, cl, 2)
+	require.Equal(t, b[4], cl[0].TaskID, "u3, priority 0")
+	require.Equal(t, a[3], cl[1].TaskID, "a4, priority 1")
+}
+
+func TestClaimGlobalLimitAndTimeouts(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"targets": [{"target": "SELF", "max_concurrency": 50, "default_timeout": "10 minutes"}]}')`)
+	takeLead(t, s, 1)
+	ids := push(t, c, "SELF", 10, "select 1")
+	timed := queryIDs(t, c, `SELECT async.push_tasks(array[async.task('t', 'SELF', manual_timeout := '3 seconds')])`)
+	now := time.Now()
+	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots(4), Now: now})
+	require.NoError(t, err)
+	require.Len(t, cl, 4, "len(Slots) is the global limit")
+	for i, x := range cl {
+		require.Equal(t, ids[i], x.TaskID)
+		require.WithinDuration(t, now.Add(10*time.Minute), x.Deadline, time.Millisecond, "target default_timeout")
+	}
+	cl = claim(t, s, 1, 100, nil)
+	require.Len(t, cl, 7)
+	require.Equal(t, timed[0], cl[6].TaskID)
+	require.WithinDuration(t, time.Now().Add(3*time.Second), cl[6].Deadline, time.Second, "manual_timeout wins")
+	cl, err = s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Now: time.Now()})
+	require.NoError(t, err)
+	require.Empty(t, cl, "no slots, no claim")
+}
+
+// D6: limit changes apply at the next claim.
+func TestClaimLimitChangeAppliesAtOnce(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	takeLead(t, s, 1)
+	push(t, c, "SELF", 20, "select 1")
+	push(t, c, "SELF", 20, "")
+	exec(t, c, `UPDATE async.task SET concurrency_pool = 'p' WHERE query IS NULL`)
+	require.Len(t, claim(t, s, 1, 100, map[string]int{"p": 4}), 4, "SELF 4, p at its default 4 and full")
+	exec(t, c, `SELECT async.configure('{"control": {"self_concurrency": 6, "default_concurrency_pool_workers": 5},
+	    "concurrency_pools": [{"concurrency_pool": "p", "max_workers": 7}]}')`)
+	cl := claim(t, s, 1, 100, map[string]int{"SELF": 4, "p": 4})
+	pools := map[string]int{}
+	for _, x := range cl {
+		pools[x.Pool]++
+	}
+	require.Equal(t, map[string]int{"SELF": 2, "p": 3}, pools)
+	exec(t, c, `SELECT async.configure('{"concurrency_pools": []}')`)
+	cl = claim(t, s, 1, 100, map[string]int{"SELF": 6, "p": 4})
+	require.Len(t, cl, 1, "p back to the default (now 5)")
+	require.Equal(t, "p", cl[0].Pool)
+}
+
+func TestClaimEligibleWhen(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	takeLead(t, s, 1)
+	ids := push(t, c, "SELF", 2, "select 1")
+	exec(t, c, `SELECT async.defer(array[$1::bigint], '1 hour')`, ids[0])
+	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots(4), Now: time.Now()})
+	require.NoError(t, err)
+	require.Len(t, cl, 1)
+	require.Equal(t, ids[1], cl[0].TaskID)
+	cl, err = s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots(4), Now: time.Now().Add(2 * time.Hour)})
+	require.NoError(t, err)
+	require.Len(t, cl, 1, "eligible once Now passes eligible_when")
+	require.Equal(t, ids[0], cl[0].TaskID)
+}
+
+// The claim reads only the partial indexes of unfinished rows: a large
+// history does not change its plan (D18).
+func TestClaimPlanIgnoresHistory(t *testing.T) {
+	t.Parallel()
+	_, _, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `INSERT INTO async.task (target, concurrency_pool, query, consumed, processed, finish_status, failed)
+	            SELECT 'SELF', 'SELF', 'select 0', now(), now(), 'FINISHED', false FROM generate_series(1, 200000)`)
+	push(t, c, "SELF", 100, "select 1")
+	exec(t, c, `ANALYZE async.task`)
+	var plan string
+	rows, err := c.Query(ctx, "EXPLAIN "+claimSQL(t), time.Now(), slots(1000), []string{}, []int32{})
+	require.NoError(t, err)
+	for rows.Next() {
+		var line string
+		require.NoError(t, rows.Scan(&line))
+		plan += line + "\n"
+	}
+	require.NoError(t, rows.Err())
+	require.NotContains(t, plan, "Seq Scan on task", plan)
+	require.Contains(t, plan, "task_ready_idx", plan)
+}
+
+func TestStartAndFinishFencing(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"targets": [{"target": "ext", "connection_string": "host=ext", "asynchronous_finish": true,
+	    "concurrency_track_yielded": true}]}')`)
+	takeLead(t, s, 1)
+	ids := push(t, c, "SELF", 3, "select ##flow.TASK_ID##")
+	asy := push(t, c, "ext", 1, "select 2")
+	cl := claim(t, s, 1, 4, nil)
+	require.Len(t, cl, 4)
+	r0, r1, r2, r3 := ref(cl[0]), ref(cl[1]), ref(cl[2]), ref(cl[3])
+	require.Equal(t, []string{"n0", "n1", "n2", "n3"}, []string{cl[0].Node, cl[1].Node, cl[2].Node, cl[3].Node})
+
+	before := snapshot(t, c)
+	st, err := s.StartTasks(ctx, "n1", refs(r0))
+	require.NoError(t, err)
+	require.Empty(t, st, "wrong node")
+	st, err = s.StartTasks(ctx, "n0", refs(pgstore.Ref{TaskID: r0.TaskID, Attempt: 2}))
+	require.NoError(t, err)
+	require.Empty(t, st, "wrong attempt")
+	f, err := s.FinishTasks(ctx, "n1", []pgstore.Outcome{{Ref: r0, Status: pgstore.StatusFinished, At: time.Now()}})
+	require.NoError(t, err)
+	require.Equal(t, []pgstore.Finished{{Ref: r0}}, f, "wrong node writes nothing")
+	f, err = s.FinishTasks(ctx, "n0", []pgstore.Outcome{{Ref: pgstore.Ref{TaskID: r0.TaskID, Attempt: 0}, Status: pgstore.StatusFailed, At: time.Now()}})
+	require.NoError(t, err)
+	require.False(t, f[0].Applied, "wrong attempt writes nothing")
+	require.Equal(t, before, snapshot(t, c))
+
+	st, err = s.StartTasks(ctx, "n0", refs(r0))
+	require.NoError(t, err)
+	require.Len(t, st, 1)
+	require.Equal(t, pgstore.StartedTask{TaskID: ids[0], Attempt: 1, Query: "select ##flow.TASK_ID##", Target: "SELF",
+		Deadline: cl[0].Deadline}, st[0])
+	st, err = s.StartTasks(ctx, "n0", refs(r0))
+	require.NoError(t, err)
+	require.Empty(t, st, "started only once")
+	st, err = s.StartTasks(ctx, "n3", refs(r3))
+	require.NoError(t, err)
+	require.Len(t, st, 1)
+	require.Equal(t, asy[0], st[0].TaskID)
+	require.Equal(t, "host=ext", *st[0].ConnStr)
+	require.True(t, st[0].Async)
+	// several in one call come back in the order asked
+	st, err = s.StartTasks(ctx, "n1", refs(r2, r1))
+	require.NoError(t, err)
+	require.Len(t, st, 1, "r2 belongs to n2")
+	require.Equal(t, r1.TaskID, st[0].TaskID)
+
+	msg := "ERROR: boom"
+	at := time.Now().Truncate(time.Microsecond)
+	f, err = s.FinishTasks(ctx, "n0", []pgstore.Outcome{
+		{Ref: r0, Status: pgstore.StatusFinished, At: at},
+		{Ref: r0, Status: pgstore.StatusFailed, At: at}, // repeated: reported not applied
+	})
+	require.NoError(t, err)
+	require.Equal(t, []pgstore.Finished{{Ref: r0, Applied: true}, {Ref: r0}}, f)
+	got := getTask(t, c, ids[0])
+	require.Equal(t, "FINISHED", got.Status)
+	require.Equal(t, false, *got.Failed)
+	f, err = s.FinishTasks(ctx, "n1", []pgstore.Outcome{{Ref: r1, Status: pgstore.StatusFailed, Error: &msg, At: at}})
+	require.NoError(t, err)
+	require.True(t, f[0].Applied)
+	got = getTask(t, c, ids[1])
+	require.Equal(t, "FAILED", got.Status)
+	require.Equal(t, msg, got.Error)
+	var processed time.Time
+	require.NoError(t, c.QueryRow(ctx, `SELECT processed FROM async.task WHERE task_id = $1`, ids[1]).Scan(&processed))
+	require.True(t, processed.Equal(at))
+	// A finished attempt cannot be finished again.
+	f, err = s.FinishTasks(ctx, "n1", []pgstore.Outcome{{Ref: r1, Status: pgstore.StatusFinished, At: at}})
+	require.NoError(t, err)
+	require.False(t, f[0].Applied)
+	// Asynchronous target: YIELDED keeps the pool slot when track_yielded.
+	f, err = s.FinishTasks(ctx, "n3", []pgstore.Outcome{{Ref: r3, Status: pgstore.StatusYielded, At: at}})
+	require.NoError(t, err)
+	require.Equal(t, pgstore.Finished{Ref: r3, Applied: true, Yielded: true, HoldPool: true}, f[0])
+	got = getTask(t, c, asy[0])
+	require.Equal(t, "YIELDED", got.State)
+	require.Equal(t, "YIELDED", got.Status)
+	// yield_upon_finish turns FINISHED into a yield.
+	exec(t, c, `UPDATE async.task SET yield_upon_finish = true WHERE task_id = $1`, ids[2])
+	f, err = s.FinishTasks(ctx, "n2", []pgstore.Outcome{{Ref: r2, Status: pgstore.StatusFinished, At: at}})
+	require.NoError(t, err)
+	require.Equal(t, pgstore.Finished{Ref: r2, Applied: true, Yielded: true}, f[0])
+	got = getTask(t, c, ids[2])
+	require.Equal(t, "YIELDED", got.State)
+	require.Equal(t, "", got.Status)
+	require.Nil(t, got.YieldUponFinish)
+	// A cancelled task fences its node out.
+	id := push(t, c, "SELF", 1, "select 3")[0]
+	cl = claim(t, s, 1, 1, nil)
+	exec(t, c, `SELECT async.cancel(array[$1::bigint])`, id)
+	st, err = s.StartTasks(ctx, "n0", refs(ref(cl[0])))
+	require.NoError(t, err)
+	require.Empty(t, st)
+	require.False(t, finish(t, s, "n0", ref(cl[0]), pgstore.StatusFinished).Applied)
+	require.Equal(t, "CANCELED", getTask(t, c, id).Status)
+
+	_, err = s.FinishTasks(ctx, "n0", []pgstore.Outcome{{Ref: r0, Status: "DONE"}})
+	require.ErrorContains(t, err, `invalid status "DONE"`)
+}
+
+func TestUnclaim(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	takeLead(t, s, 1)
+	ids := push(t, c, "SELF", 2, "select 1")
+	cl := claim(t, s, 1, 2, nil)
+	_, err := s.StartTasks(ctx, "n1", refs(ref(cl[1])))
+	require.NoError(t, err)
+	require.NoError(t, s.Unclaim(ctx, 1, refs(ref(cl[0]), ref(cl[1]))))
+	require.Equal(t, "READY", getTask(t, c, ids[0]).State)
+	require.Equal(t, "RUNNING", getTask(t, c, ids[1]).State, "a started attempt is not unclaimed")
+	require.EqualValues(t, 1, queryInt(t, c, `SELECT attempt FROM async.task WHERE task_id = $1 AND node IS NULL AND times_up IS NULL`, ids[0]))
+	cl = claim(t, s, 1, 2, nil)
+	require.Len(t, cl, 1)
+	require.EqualValues(t, 2, cl[0].Attempt)
+	require.ErrorIs(t, s.Unclaim(ctx, 2, refs(ref(cl[0]))), pgstore.ErrStaleTerm)
+}
+
+func TestTaskStates(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"targets": [{"target": "ext", "asynchronous_finish": true, "concurrency_track_yielded": true}]}')`)
+	takeLead(t, s, 1)
+	ready := push(t, c, "SELF", 1, "select 1")[0]
+	exec(t, c, `SELECT async.defer(array[$1::bigint], '1 hour')`, ready)
+	run := push(t, c, "SELF", 1, "select 1")[0]
+	ext := push(t, c, "ext", 1, "")[0]
+	y := push(t, c, "ext", 1, "select 1")[0]
+	cl := claim(t, s, 1, 3, nil)
+	require.Len(t, cl, 3)
+	_, err := s.StartTasks(ctx, "n0", refs(ref(cl[0])))
+	require.NoError(t, err)
+	_, err = s.StartTasks(ctx, "n1", refs(ref(cl[2])))
+	require.NoError(t, err)
+	finish(t, s, "n1", ref(cl[2]), pgstore.StatusYielded)
+	done := push(t, c, "SELF", 1, "select 1")[0]
+	exec(t, c, `SELECT async.cancel(array[$1::bigint])`, done)
+
+	st, err := s.TaskStates(ctx, []int64{ready, run, ext, y, done, 123456})
+	require.NoError(t, err)
+	require.Equal(t, pgstore.StateReady, st[ready].State)
+	require.Equal(t, normalize(pgstore.TaskState{TaskID: run, Attempt: 1, Node: "n0", State: pgstore.StateRunning, Started: true,
+		Pool: "SELF", TimesUp: &cl[0].Deadline}), normalize(st[run]))
+	require.Equal(t, normalize(pgstore.TaskState{TaskID: ext, Attempt: 1, State: pgstore.StateRunning, External: true, TrackYielded: true,
+		Pool: "ext", TimesUp: &cl[1].Deadline}), normalize(st[ext]))
+	require.Equal(t, pgstore.StateYielded, st[y].State)
+	require.True(t, st[y].TrackYielded)
+	require.Equal(t, pgstore.StateFinished, st[done].State)
+	require.Equal(t, pgstore.TaskState{TaskID: 123456, State: pgstore.StateMissing}, st[123456])
+
+	fl, err := s.InFlightTasks(ctx)
+	require.NoError(t, err)
+	var got []int64
+	for _, x := range fl {
+		got = append(got, x.TaskID)
+	}
+	require.Equal(t, []int64{run, ext, y}, got)
+}
+
+func normalize(ts pgstore.TaskState) pgstore.TaskState {
+	if ts.TimesUp != nil {
+		u := ts.TimesUp.UTC()
+		ts.TimesUp = &u
+	}
+	return ts
+}
+
+func TestResolveLost(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"targets": [{"target": "SELF", "max_concurrency": 10}, {"target": "retry", "max_retries": 1}]}')`)
+	takeLead(t, s, 3)
+	notStarted := push(t, c, "SELF", 1, "a")[0]
+	noRetry := push(t, c, "SELF", 1, "b")[0]
+	late := push(t, c, "SELF", 1, "c")[0]
+	retry := push(t, c, "retry", 1, "d")[0]
+	finished := push(t, c, "SELF", 1, "e")[0]
+	yielded := push(t, c, "SELF", 1, "f")[0]
+	cl := claim(t, s, 3, 10, nil)
+	require.Len(t, cl, 6)
+	byID := map[int64]pgstore.Claimed{}
+	for _, x := range cl {
+		byID[x.TaskID] = x
+	}
+	for _, id := range []int64{noRetry, late, retry, finished, yielded} {
+		x := byID[id]
+		st, err := s.StartTasks(ctx, x.Node, refs(ref(x)))
+		require.NoError(t, err)
+		require.Len(t, st, 1)
+	}
+	finish(t, s, byID[finished].Node, ref(byID[finished]), pgstore.StatusFinished)
+	finish(t, s, byID[yielded].Node, ref(byID[yielded]), pgstore.StatusYielded)
+	exec(t, c, `UPDATE async.task SET times_up = now() - interval '1 second' WHERE task_id = $1`, late)
+
+	now := time.Now()
+	in := refs(ref(byID[notStarted]), ref(byID[noRetry]), ref(byID[late]), ref(byID[retry]), ref(byID[finished]),
+		ref(byID[yielded]), pgstore.Ref{TaskID: noRetry, Attempt: 9}, pgstore.Ref{TaskID: 999999, Attempt: 1})
+	res, err := s.ResolveLost(ctx, 3, "node n1 was lost", in, now)
+	require.NoError(t, err)
+	var outcomes []string
+	for _, r := range res {
+		outcomes = append(outcomes, r.Outcome)
+	}
+	require.Equal(t, []string{"requeued", "failed", "timed_out", "requeued", "skipped", "skipped", "skipped", "skipped"}, outcomes)
+	for i, r := range res {
+		require.Equal(t, in[i], r.Ref)
+	}
+
+	require.Equal(t, "READY", getTask(t, c, notStarted).State)
+	g := getTask(t, c, noRetry)
+	require.Equal(t, "FAILED", g.Status)
+	require.Equal(t, "node n1 was lost", g.Error)
+	require.True(t, *g.Failed)
+	g = getTask(t, c, late)
+	require.Equal(t, "TIMED_OUT", g.Status)
+	require.Equal(t, "Canceling due to time out", g.Error)
+	require.True(t, *g.Failed)
+	require.Equal(t, "READY", getTask(t, c, retry).State)
+	require.EqualValues(t, 1, queryInt(t, c, `SELECT retries FROM async.task WHERE task_id = $1 AND started IS NULL AND node IS NULL`, retry))
+	require.Equal(t, "YIELDED", getTask(t, c, yielded).State)
+
+	// The retry is used up: the next loss fails the task (never both).
+	cl = claim(t, s, 3, 10, nil)
+	require.Len(t, cl, 2)
+	for _, x := range cl {
+		_, err := s.StartTasks(ctx, x.Node, refs(ref(x)))
+		require.NoError(t, err)
+	}
+	res, err = s.ResolveLost(ctx, 3, "node n0 was lost", refs(ref(cl[0]), ref(cl[1])), time.Now())
+	require.NoError(t, err)
+	got := map[int64]string{}
+	for _, r := range res {
+		got[r.TaskID] = r.Outcome
+	}
+	require.Equal(t, map[int64]string{notStarted: "failed", retry: "failed"}, got)
+	_, err = s.ResolveLost(ctx, 2, "x", refs(ref(cl[0])), time.Now())
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm)
+}
+
+func TestTimeOutTasks(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"targets": [{"target": "ext", "asynchronous_finish": true}]}')`)
+	takeLead(t, s, 1)
+	q := push(t, c, "SELF", 1, "select 1")[0]     // query task: its node times it out
+	ext := push(t, c, "SELF", 1, "")[0]           // non-query RUNNING
+	y := push(t, c, "ext", 1, "select 1")[0]      // will be YIELDED
+	fresh := push(t, c, "SELF", 1, "")[0]         // not yet due
+	ready := push(t, c, "SELF", 1, "select 1")[0] // READY: never times out
+	cl := claim(t, s, 1, 4, nil)
+	require.Len(t, cl, 4)
+	var yc pgstore.Claimed
+	for _, x := range cl {
+		if x.TaskID == y {
+			yc = x
+		}
+	}
+	_, err := s.StartTasks(ctx, yc.Node, refs(ref(yc)))
+	require.NoError(t, err)
+	finish(t, s, yc.Node, ref(yc), pgstore.StatusYielded)
+	exec(t, c, `UPDATE async.task SET times_up = now() + interval '1 hour' WHERE task_id = $1`, fresh)
+	exec(t, c, `UPDATE async.task SET times_up = now() - interval '1 minute' WHERE task_id <> $1`, fresh)
+
+	now := time.Now()
+	out, err := s.TimeOutTasks(ctx, 1, now)
+	require.NoError(t, err)
+	got := map[int64]bool{}
+	for _, r := range out {
+		got[r.TaskID] = true
+	}
+	require.Equal(t, map[int64]bool{ext: true, y: true}, got)
+	for _, id := range []int64{ext, y} {
+		g := getTask(t, c, id)
+		require.Equal(t, "TIMED_OUT", g.Status)
+		require.Equal(t, "Canceling due to time out", g.Error)
+		require.True(t, *g.Failed)
+	}
+	require.Equal(t, "RUNNING", getTask(t, c, q).State)
+	require.Equal(t, "RUNNING", getTask(t, c, fresh).State)
+	require.Equal(t, "READY", getTask(t, c, ready).State)
+	out, err = s.TimeOutTasks(ctx, 1, now)
+	require.NoError(t, err)
+	require.Empty(t, out)
+}
+
+// D18: purge keeps unfinished and recent tasks.
+func TestPurgeHistory(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"control": {"task_keep_duration": "1 day"}}')`)
+	takeLead(t, s, 1)
+	exec(t, c, `INSERT INTO async.task (target, concurrency_pool, query, consumed, processed, finish_status, failed)
+	            SELECT 'SELF', 'SELF', 'old', now() - interval '3 days', now() - interval '2 days', 'FINISHED', false
+	              FROM generate_series(1, 25000)`)
+	recent := push(t, c, "SELF", 3, "recent")
+	exec(t, c, `SELECT async.finish($1::bigint[], 'FAILED', 'x')`, recent)
+	oldUnfinished := push(t, c, "SELF", 2, "old but unfinished")
+	exec(t, c, `UPDATE async.task SET entered = now() - interval '1 year' WHERE task_id = ANY($1)`, oldUnfinished)
+	now := time.Now()
+	n, err := s.PurgeHistory(ctx, 1, now)
+	require.NoError(t, err)
+	require.EqualValues(t, 25000, n, "several batches")
+	require.EqualValues(t, 5, queryInt(t, c, `SELECT count(*) FROM async.task`))
+	cfg, err := s.LoadConfig(ctx)
+	require.NoError(t, err)
+	require.NotNil(t, cfg.Control.LastHeavyMaintenance)
+	require.WithinDuration(t, now, *cfg.Control.LastHeavyMaintenance, time.Millisecond)
+	n, err = s.PurgeHistory(ctx, 1, now.Add(36*time.Hour))
+	require.NoError(t, err)
+	require.EqualValues(t, 3, n)
+	require.Equal(t, oldUnfinished, queryIDs(t, c, `SELECT task_id FROM async.task ORDER BY task_id`))
+	_, err = s.PurgeHistory(ctx, 2, now)
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm)
+}
+
+func TestCountsAndRecentFailures(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"targets": [{"target": "SELF", "max_concurrency": 10}]}')`)
+	takeLead(t, s, 1)
+	ids := push(t, c, "SELF", 10, "select 1")
+	claim(t, s, 1, 3, nil)
+	exec(t, c, `SELECT async.finish(array[$1::bigint], 'YIELDED', NULL)`, ids[9])
+	exec(t, c, `SELECT async.finish(array[$1::bigint], 'FAILED', 'first')`, ids[8])
+	exec(t, c, `SELECT async.cancel(array[$1::bigint], 'second')`, ids[7])
+	exec(t, c, `SELECT async.finish(array[$1::bigint], 'FINISHED', NULL)`, ids[6])
+	cnt, err := s.Counts(ctx)
+	require.NoError(t, err)
+	require.Equal(t, pgstore.Counts{Queued: 3, Running: 3, Yielded: 1}, cnt)
+	f, err := s.RecentFailures(ctx, 5)
+	require.NoError(t, err)
+	require.Len(t, f, 2)
+	require.Equal(t, ids[7], f[0].TaskID)
+	require.Equal(t, "CANCELED", f[0].FinishStatus)
+	require.Equal(t, "second", f[0].Error)
+	require.Equal(t, ids[8], f[1].TaskID)
+	f, err = s.RecentFailures(ctx, 1)
+	require.NoError(t, err)
+	require.Len(t, f, 1)
+}
+
+func TestStaleTermFencesLeaderWrites(t *testing.T) {
+	t.Parallel()
+	dsn, s, c := newDB(t)
+	ctx := ctxT(t)
+	old := takeLead(t, s, 4)
+	push(t, c, "SELF", 2, "select 1")
+	require.Len(t, claim(t, s, 4, 1, nil), 1)
+	require.NoError(t, old.Release(ctx))
+
+	s2, err := pgstore.Open(ctx, dsn, nil)
+	require.NoError(t, err)
+	defer s2.Close()
+	takeLead(t, s2, 5)
+	before := snapshot(t, c)
+	_, err = s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 4, Slots: slots(5), Now: time.Now()})
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm)
+	_, err = s.TimeOutTasks(ctx, 4, time.Now().Add(48*time.Hour))
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm)
+	_, err = s.PurgeHistory(ctx, 4, time.Now())
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm)
+	require.Equal(t, before, snapshot(t, c), "the old term wrote nothing")
+	// The newer term works, and an older one cannot take over again.
+	require.Len(t, claim(t, s2, 5, 5, nil), 1)
+	_, err = s.TakeLeadership(ctx, 4, "old", "test-cluster")
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm, "while the term-5 leader holds the lock")
+	l5 := takeLead(t, s2, 5) // the same term may take over again (its own stale session)
+	require.NoError(t, l5.Release(ctx))
+	_, err = s.TakeLeadership(ctx, 4, "old", "test-cluster")
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm, "with the lock free, the recorded term still wins")
+	require.Contains(t, err.Error(), "records term 5")
+	require.Zero(t, queryInt(t, c, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+	    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`), "the refused taker unlocked")
+	takeLead(t, s2, 5)
+	require.Equal(t, []string{"5 leader-5 test-cluster"}, queryStrings(t, c, `SELECT term || ' ' || node || ' ' || cluster_id FROM async.leader`))
+	require.Equal(t, []string{"5 leader-5"}, queryStrings(t, c, `SELECT leader_term || ' ' || leader_node FROM async.control WHERE pid IS NOT NULL AND running_since IS NOT NULL`))
+}
+
+func TestLeadershipLock(t *testing.T) {
+	t.Parallel()
+	dsn, s, c := newDB(t)
+	ctx := ctxT(t)
+
+	// An unrelated session holding the lock: ErrLockHeld naming it.
+	other := connect(t, dsn)
+	exec(t, other, `SET application_name = 'someone else'`)
+	exec(t, other, `SELECT pg_advisory_lock(0)`)
+	_, err := s.TakeLeadership(ctx, 1, "a", "c1")
+	require.ErrorIs(t, err, pgstore.ErrLockHeld)
+	require.Contains(t, err.Error(), `application_name "someone else"`)
+	require.Contains(t, err.Error(), "pid")
+	exec(t, other, `SELECT pg_advisory_unlock(0)`)
+
+	// A configured key: the holder lookup splits a bigint key like PostgreSQL.
+	exec(t, c, `SELECT async.configure('{"control": {"advisory_mutex_id": -81985529216486896}}')`)
+	exec(t, other, `SELECT pg_advisory_lock(-81985529216486896)`)
+	_, err = s.TakeLeadership(ctx, 1, "a", "c1")
+	require.ErrorIs(t, err, pgstore.ErrLockHeld)
+	require.Contains(t, err.Error(), "someone else")
+	exec(t, other, `SELECT pg_advisory_unlock(-81985529216486896)`)
+
+	l1, err := s.TakeLeadership(ctx, 1, "a", "c1")
+	require.NoError(t, err)
+	require.EqualValues(t, 1, l1.Term())
+	// Another cluster cannot take it.
+	_, err = s.TakeLeadership(ctx, 2, "b", "c2")
+	require.ErrorIs(t, err, pgstore.ErrLockHeld)
+	select {
+	case <-l1.Lost():
+		t.Fatal("leadership lost")
+	default:
+	}
+	// A newer leader of the same cluster terminates the stale holder.
+	start := time.Now()
+	l2, err := s.TakeLeadership(ctx, 2, "b", "c1")
+	require.NoError(t, err)
+	require.Less(t, time.Since(start), 5*time.Second)
+	select {
+	case <-l1.Lost():
+	case <-time.After(wait):
+		t.Fatal("the stale leader did not notice it lost its connection")
+	}
+	require.NoError(t, l1.Release(ctx), "release after loss is harmless")
+	require.Equal(t, []string{"2 b c1"}, queryStrings(t, c, `SELECT term || ' ' || node || ' ' || cluster_id FROM async.leader`))
+	require.EqualValues(t, l2.PID(), queryInt(t, c, `SELECT holder_pid FROM async.leader`))
+
+	// Release frees the lock for anyone.
+	require.NoError(t, l2.Release(ctx))
+	<-l2.Lost()
+	require.NoError(t, l2.Release(ctx), "twice is fine")
+	l3, err := s.TakeLeadership(ctx, 3, "c", "c2")
+	require.NoError(t, err)
+	// Killing the backend is noticed.
+	exec(t, c, `SELECT pg_terminate_backend($1::int)`, int(l3.PID()))
+	select {
+	case <-l3.Lost():
+	case <-time.After(wait):
+		t.Fatal("Lost not closed after the backend was terminated")
+	}
+	require.NoError(t, l3.Release(ctx))
+}
+
+func TestListen(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx, cancel := context.WithCancel(ctxT(t))
+	got := make(chan string, 100)
+	done := make(chan error, 1)
+	go func() { done <- s.Listen(ctx, func(p string) { got <- p }) }()
+	next := func() string {
+		select {
+		case p := <-got:
+			return p
+		case <-time.After(wait):
+			t.Fatal("no wake-up")
+			return ""
+		}
+	}
+	require.Equal(t, "reconnect", next())
+	push(t, c, "SELF", 1, "select 1")
+	require.Equal(t, "push", next())
+	// Kill the listener's backend: it reconnects and says so.
+	waitFor(t, "the listener session", func() bool {
+		return queryInt(t, c, `SELECT count(*) FROM pg_stat_activity WHERE application_name = 'asyncnode listener' AND datname = current_database()`) == 1
+	})
+	exec(t, c, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'asyncnode listener' AND datname = current_database()`)
+	require.Equal(t, "reconnect", next())
+	exec(t, c, `SELECT async.pause()`)
+	require.Equal(t, "control", next())
+	cancel()
+	select {
+	case err := <-done:
+		require.True(t, errors.Is(err, context.Canceled), "%v", err)
+	case <-time.After(wait):
+		t.Fatal("Listen did not return")
+	}
+}
+
+// claimSQL is the claim statement as the store runs it (the embedded file).
+func claimSQL(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("queries/claim_tasks.sql")
+	require.NoError(t, err)
+	return strings.TrimSpace(string(b))
+}

@@ -1,0 +1,338 @@
+package pgstore
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// purgeBatch is how many finished tasks PurgeHistory deletes per transaction.
+const purgeBatch = 10000
+
+func refArrays(refs []Ref) (ids []int64, attempts []int32) {
+	ids = make([]int64, len(refs))
+	attempts = make([]int32, len(refs))
+	for i, r := range refs {
+		ids[i], attempts[i] = r.TaskID, r.Attempt
+	}
+	return ids, attempts
+}
+
+// ClaimTasks claims READY, eligible (eligible_when NULL or <= Now) tasks in
+// (priority, entered, task_id) order, in one fenced statement: each pool
+// gives at most its limit (async.concurrency_pool, else
+// control.default_concurrency_pool_workers, read now: D6) minus
+// PoolRunning[pool]; all pools together give at most len(Slots). Claimed rows
+// get attempt+1, consumed = Now, started NULL, times_up = Now + (manual_timeout,
+// else target default_timeout, else control default_timeout), tracked, and
+// node = Slots[i] for the i-th claimed query task (non-query tasks take a
+// place of the global limit but no node: External). Rows come back in
+// (priority, entered, task_id) order. ErrStaleTerm if req.Term is not the
+// newest term recorded.
+func (s *Store) ClaimTasks(ctx context.Context, req ClaimRequest) ([]Claimed, error) {
+	if len(req.Slots) == 0 {
+		return nil, nil
+	}
+	names := make([]string, 0, len(req.PoolRunning))
+	for n := range req.PoolRunning {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	running := make([]int32, len(names))
+	for i, n := range names {
+		running[i] = int32(req.PoolRunning[n])
+	}
+	var out []Claimed
+	err := s.fenced(ctx, "claim tasks", req.Term, func(b *pgx.Batch) {
+		b.Queue(qClaimTasks, req.Now, req.Slots, names, running).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var c Claimed
+				if err := rows.Scan(&c.TaskID, &c.Attempt, &c.Node, &c.Pool, &c.Target, &c.Deadline, &c.External); err != nil {
+					return err
+				}
+				out = append(out, c)
+			}
+			return rows.Err()
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// Unclaim puts claimed attempts that were never started back to READY
+// (consumed, times_up and node cleared; attempt kept, the next claim
+// increments it). Attempts already started, finished or re-claimed are left
+// alone. Fenced by term.
+func (s *Store) Unclaim(ctx context.Context, term uint64, refs []Ref) error {
+	if len(refs) == 0 {
+		return nil
+	}
+	ids, attempts := refArrays(refs)
+	return s.fenced(ctx, "unclaim tasks", term, func(b *pgx.Batch) {
+		b.Queue(qUnclaimTasks, ids, attempts)
+	})
+}
+
+// StartTasks marks node's claimed attempts started (started = now) and
+// returns what the node needs to run them, in the order of refs. Refs that
+// are fenced out (another attempt or node, finished, reset, or already
+// started) are simply absent.
+func (s *Store) StartTasks(ctx context.Context, node string, refs []Ref) ([]StartedTask, error) {
+	if len(refs) == 0 {
+		return nil, nil
+	}
+	ids, attempts := refArrays(refs)
+	rows, err := s.pool.Query(ctx, qStartTasks, node, ids, attempts)
+	if err != nil {
+		return nil, s.wrap("start tasks", err)
+	}
+	got := map[Ref]StartedTask{}
+	for rows.Next() {
+		var t StartedTask
+		if err := rows.Scan(&t.TaskID, &t.Attempt, &t.Query, &t.Target, &t.ConnStr, &t.Async, &t.Deadline); err != nil {
+			rows.Close()
+			return nil, s.wrap("start tasks", err)
+		}
+		got[Ref{t.TaskID, t.Attempt}] = t
+	}
+	if err := rows.Err(); err != nil {
+		return nil, s.wrap("start tasks", err)
+	}
+	out := make([]StartedTask, 0, len(got))
+	for _, r := range refs {
+		if t, ok := got[r]; ok {
+			out = append(out, t)
+			delete(got, r)
+		}
+	}
+	return out, nil
+}
+
+// FinishTasks records the outcomes of node's attempts in one statement,
+// fenced on (task_id, attempt, node) and the attempt still RUNNING.
+// FINISHED, FAILED, TIMED_OUT and CANCELED end the task (processed = At;
+// failed for all but FINISHED; processing_error = Error); FINISHED on a task
+// flagged yield_upon_finish, and YIELDED (asynchronous target), leave it
+// YIELDED (yielded = At). It returns one Finished per outcome, in order;
+// Applied is false for fenced-out or repeated refs.
+func (s *Store) FinishTasks(ctx context.Context, node string, outs []Outcome) ([]Finished, error) {
+	if len(outs) == 0 {
+		return nil, nil
+	}
+	seen := make(map[Ref]bool, len(outs))
+	idx := make([]int, 0, len(outs))
+	for i, o := range outs {
+		switch o.Status {
+		case StatusFinished, StatusFailed, StatusTimedOut, StatusCanceled, StatusYielded:
+		default:
+			return nil, fmt.Errorf("pgstore: finish tasks: task %d attempt %d: invalid status %q", o.TaskID, o.Attempt, o.Status)
+		}
+		if !seen[o.Ref] {
+			seen[o.Ref] = true
+			idx = append(idx, i)
+		}
+	}
+	// Lock rows in id order, like async.finish: no deadlocks between them.
+	sort.Slice(idx, func(a, b int) bool { return outs[idx[a]].TaskID < outs[idx[b]].TaskID })
+	ids := make([]int64, len(idx))
+	attempts := make([]int32, len(idx))
+	statuses := make([]string, len(idx))
+	errs := make([]*string, len(idx))
+	ats := make([]time.Time, len(idx))
+	for k, i := range idx {
+		o := outs[i]
+		ids[k], attempts[k], statuses[k], errs[k], ats[k] = o.TaskID, o.Attempt, string(o.Status), o.Error, o.At
+	}
+	rows, err := s.pool.Query(ctx, qFinishTasks, node, ids, attempts, statuses, errs, ats)
+	if err != nil {
+		return nil, s.wrap("finish tasks", err)
+	}
+	type res struct{ yielded, hold bool }
+	got := map[Ref]res{}
+	for rows.Next() {
+		var r Ref
+		var v res
+		if err := rows.Scan(&r.TaskID, &r.Attempt, &v.yielded, &v.hold); err != nil {
+			rows.Close()
+			return nil, s.wrap("finish tasks", err)
+		}
+		got[r] = v
+	}
+	if err := rows.Err(); err != nil {
+		return nil, s.wrap("finish tasks", err)
+	}
+	out := make([]Finished, len(outs))
+	for i, o := range outs {
+		out[i] = Finished{Ref: o.Ref}
+		if v, ok := got[o.Ref]; ok {
+			out[i] = Finished{Ref: o.Ref, Applied: true, Yielded: v.yielded, HoldPool: v.yielded && v.hold}
+			delete(got, o.Ref) // a repeated ref is reported once
+		}
+	}
+	return out, nil
+}
+
+func scanTaskStates(rows pgx.Rows) ([]TaskState, error) {
+	var out []TaskState
+	for rows.Next() {
+		var t TaskState
+		var state string
+		if err := rows.Scan(&t.TaskID, &t.Attempt, &t.Node, &state, &t.Started, &t.External, &t.TrackYielded,
+			&t.Pool, &t.TimesUp); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		t.State = State(state)
+		out = append(out, t)
+	}
+	return out, rows.Err()
+}
+
+// TaskStates returns the state of each id; ids with no row get StateMissing.
+func (s *Store) TaskStates(ctx context.Context, ids []int64) (map[int64]TaskState, error) {
+	out := make(map[int64]TaskState, len(ids))
+	if len(ids) == 0 {
+		return out, nil
+	}
+	rows, err := s.pool.Query(ctx, qTaskStates, ids)
+	if err != nil {
+		return nil, s.wrap("task states", err)
+	}
+	list, err := scanTaskStates(rows)
+	if err != nil {
+		return nil, s.wrap("task states", err)
+	}
+	for _, t := range list {
+		out[t.TaskID] = t
+	}
+	for _, id := range ids {
+		if _, ok := out[id]; !ok {
+			out[id] = TaskState{TaskID: id, State: StateMissing}
+		}
+	}
+	return out, nil
+}
+
+// InFlightTasks returns every RUNNING and YIELDED task, by task id: what a
+// new leader reconciles with its slot table.
+func (s *Store) InFlightTasks(ctx context.Context) ([]TaskState, error) {
+	rows, err := s.pool.Query(ctx, qInFlightTasks)
+	if err != nil {
+		return nil, s.wrap("in-flight tasks", err)
+	}
+	list, err := scanTaskStates(rows)
+	if err != nil {
+		return nil, s.wrap("in-flight tasks", err)
+	}
+	return list, nil
+}
+
+// Outcomes of ResolveLost.
+const (
+	LostRequeued = "requeued"
+	LostFailed   = "failed"
+	LostTimedOut = "timed_out"
+	LostSkipped  = "skipped"
+)
+
+// ResolveLost settles attempts whose node was lost (D13), fenced by term and
+// by each attempt still RUNNING: never started → READY again ("requeued");
+// started and past its deadline (times_up <= now) → TIMED_OUT ("timed_out");
+// started with a retry left (retries < max_retries) → READY, retries+1
+// ("requeued"); otherwise FAILED with processing_error = reason, which
+// should name the lost node ("failed"). Anything else is "skipped". One
+// LostResult per ref, in order.
+func (s *Store) ResolveLost(ctx context.Context, term uint64, reason string, refs []Ref, now time.Time) ([]LostResult, error) {
+	if len(refs) == 0 {
+		return nil, nil
+	}
+	ids, attempts := refArrays(refs)
+	got := map[Ref]string{}
+	err := s.fenced(ctx, "resolve lost tasks", term, func(b *pgx.Batch) {
+		b.Queue(qResolveLost, ids, attempts, now, reason).Query(func(rows pgx.Rows) error {
+			var r Ref
+			var outcome string
+			_, err := pgx.ForEachRow(rows, []any{&r.TaskID, &r.Attempt, &outcome}, func() error {
+				got[r] = outcome
+				return nil
+			})
+			return err
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]LostResult, len(refs))
+	for i, r := range refs {
+		out[i] = LostResult{Ref: r, Outcome: LostSkipped}
+		if o, ok := got[r]; ok {
+			out[i].Outcome = o
+			delete(got, r)
+		}
+	}
+	return out, nil
+}
+
+// TimeOutTasks ends YIELDED tasks and RUNNING non-query tasks whose deadline
+// passed (times_up <= now) as TIMED_OUT, failed, 'Canceling due to time out'
+// (D10; query tasks are timed out by their node). Fenced by term.
+func (s *Store) TimeOutTasks(ctx context.Context, term uint64, now time.Time) ([]Ref, error) {
+	var out []Ref
+	err := s.fenced(ctx, "time out tasks", term, func(b *pgx.Batch) {
+		b.Queue(qTimeOutTasks, now).Query(func(rows pgx.Rows) error {
+			var r Ref
+			_, err := pgx.ForEachRow(rows, []any{&r.TaskID, &r.Attempt}, func() error {
+				out = append(out, r)
+				return nil
+			})
+			return err
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// PurgeHistory deletes finished tasks with processed < now −
+// control.task_keep_duration, in fenced batches of 10000, never unfinished
+// ones (D18), then records control.last_heavy_maintenance = now. It returns
+// how many rows it deleted.
+func (s *Store) PurgeHistory(ctx context.Context, term uint64, now time.Time) (int64, error) {
+	var total int64
+	for {
+		var n int64
+		err := s.fenced(ctx, "purge history", term, func(b *pgx.Batch) {
+			b.Queue(qPurgeHistoryBatch, now, purgeBatch).Exec(func(ct pgconn.CommandTag) error {
+				n = ct.RowsAffected()
+				return nil
+			})
+		})
+		if err != nil {
+			return total, err
+		}
+		total += n
+		if n < purgeBatch {
+			break
+		}
+		if err := ctx.Err(); err != nil {
+			return total, fmt.Errorf("pgstore: purge history: %w", err)
+		}
+	}
+	err := s.fenced(ctx, "purge history", term, func(b *pgx.Batch) {
+		b.Queue(qSetLastHeavyMaintenance, now)
+	})
+	if err != nil {
+		return total, err
+	}
+	if total > 0 {
+		s.log.Info("purged task history", "deleted", total)
+	}
+	return total, nil
+}
