@@ -1,0 +1,278 @@
+package executor
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/asyncnode/asyncnode/pgstore"
+)
+
+// Texts written as processing_error.
+const (
+	// TimeoutError is the processing_error of a TIMED_OUT attempt (D10).
+	TimeoutError = "Canceling due to time out"
+	// OpenTransactionError is the processing_error of a task whose text left
+	// a transaction block open.
+	OpenTransactionError = "task left a transaction open; rolled back"
+)
+
+// deadlineMargin: a task waiting for an unreachable target gives up this
+// long before its deadline, so that it fails with the connection error
+// rather than times out.
+const deadlineMargin = 500 * time.Millisecond
+
+// maxSafeRetries bounds how often a task is re-sent on a fresh connection
+// after a send that failed before reaching the server.
+const maxSafeRetries = 3
+
+// closeTimeout bounds closing (or rolling back on) a task connection.
+const closeTimeout = time.Second
+
+// connFailure is a task's final failure to get a connection to its target.
+type connFailure struct{ msg string }
+
+func (f *connFailure) Error() string { return f.msg }
+
+// stopCause tells why ctx ended: errRevoked or errShutdown (no outcome),
+// errTimedOut, or nil (not ended).
+func stopCause(ctx context.Context) error {
+	if ctx.Err() == nil {
+		return nil
+	}
+	cause := context.Cause(ctx)
+	for _, c := range []error{errRevoked, errShutdown, errTimedOut} {
+		if errors.Is(cause, c) {
+			return c
+		}
+	}
+	return cause
+}
+
+// run runs one started task. It returns its outcome, or nil and the reason
+// (errRevoked, errShutdown) when the attempt ends without one.
+func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Outcome, error) {
+	log := e.log.With("task_id", st.TaskID, "attempt", st.Attempt, "target", st.Target)
+	ref := pgstore.Ref{TaskID: st.TaskID, Attempt: st.Attempt}
+	outcome := func(s pgstore.Status, msg string) (*pgstore.Outcome, error) {
+		o := &pgstore.Outcome{Ref: ref, Status: s, At: e.cfg.Now()}
+		if msg != "" {
+			o.Error = &msg
+		}
+		return o, nil
+	}
+	ended := func() (*pgstore.Outcome, error) {
+		switch c := stopCause(ctx); c {
+		case errRevoked, errShutdown:
+			log.Debug("attempt stopped", "reason", c)
+			return nil, c
+		default:
+			log.Info("task timed out")
+			return outcome(pgstore.StatusTimedOut, TimeoutError)
+		}
+	}
+
+	t := e.target(ctx, st.ConnStr)
+	if t.cfgErr != nil {
+		log.Warn("task failed", "error", t.cfgErr)
+		return outcome(pgstore.StatusFailed, t.cfgErr.Error())
+	}
+	q := prepareQuery(st.TaskID, st.Query)
+	log.Debug("running task")
+	for safeRetries := 0; ; safeRetries++ {
+		conn, err := e.acquire(ctx, t, log)
+		if err != nil {
+			var cf *connFailure
+			if errors.As(err, &cf) {
+				log.Warn("task failed: target unreachable", "error", cf.msg)
+				return outcome(pgstore.StatusFailed, cf.msg)
+			}
+			return ended()
+		}
+		execErr, resetErr := e.execute(ctx, t, conn, q, log)
+		pc := conn.Conn().PgConn()
+		if execErr == nil {
+			if pc.TxStatus() != 'I' {
+				e.destroy(ctx, conn, true)
+				if c := stopCause(ctx); c == errRevoked || c == errShutdown {
+					return nil, c
+				}
+				log.Warn("task failed", "error", OpenTransactionError)
+				return outcome(pgstore.StatusFailed, OpenTransactionError)
+			}
+			if resetErr != nil {
+				log.Warn("session reset failed; closing the connection", "error", t.maskErr(resetErr))
+				e.destroy(ctx, conn, false)
+			} else {
+				conn.Release()
+			}
+			if st.Async {
+				log.Debug("task yielded")
+				return outcome(pgstore.StatusYielded, "")
+			}
+			log.Debug("task finished")
+			return outcome(pgstore.StatusFinished, "")
+		}
+		// Never return a connection that saw an error to the pool.
+		e.destroy(ctx, conn, false)
+		if ctx.Err() != nil {
+			return ended()
+		}
+		if pgconn.SafeToRetry(execErr) && safeRetries < maxSafeRetries {
+			// Nothing reached the server (a dead pooled connection): the
+			// task did not run; send it again on a fresh connection.
+			log.Debug("send failed before reaching the server; retrying", "error", t.maskErr(execErr))
+			continue
+		}
+		msg := errorText(execErr, t)
+		log.Debug("task failed", "error", msg)
+		return outcome(pgstore.StatusFailed, msg)
+	}
+}
+
+// acquire gets a connection to t. While the target is unreachable it waits
+// with backoff (D12); it returns a *connFailure once the task has waited
+// long enough, or ctx's error when ctx ends first (unless a connection error
+// is known and the deadline was reached: then a *connFailure too).
+func (e *Executor) acquire(ctx context.Context, t *target, log hclog.Logger) (*pgxpool.Conn, error) {
+	deadline, hasDeadline := ctx.Deadline()
+	var firstFail time.Time
+	var lastErr error
+	for {
+		if ctx.Err() != nil {
+			if lastErr != nil && stopCause(ctx) == errTimedOut {
+				return nil, &connFailure{t.maskErr(lastErr)}
+			}
+			return nil, ctx.Err()
+		}
+		now := e.cfg.Now()
+		if t.mayTry(now) {
+			c, err := t.pool.Acquire(ctx)
+			if err == nil {
+				if was, since := t.markHealthy(); was {
+					log.Info("target reachable again", "unreachable_for", e.cfg.Now().Sub(since).Round(time.Millisecond))
+				}
+				return c, nil
+			}
+			if ctx.Err() != nil {
+				continue
+			}
+			lastErr = err
+			t.noteConnectError(err)
+			if t.markFailed(e.cfg.Now(), err) {
+				log.Warn("target unreachable; its tasks wait and retry", "error", t.maskErr(err))
+			} else {
+				log.Debug("connection attempt failed", "error", t.maskErr(err))
+			}
+		}
+		nextTry, healthy, tErr := t.waitState()
+		if healthy == nil {
+			continue // healthy again meanwhile
+		}
+		if lastErr == nil {
+			lastErr = tErr
+		}
+		if firstFail.IsZero() {
+			firstFail = now
+		}
+		giveUp := firstFail.Add(e.cfg.UnreachableWait)
+		if hasDeadline {
+			if d := deadline.Add(-deadlineMargin); d.Before(giveUp) {
+				giveUp = d
+			}
+		}
+		if !now.Before(giveUp) {
+			if lastErr == nil {
+				lastErr = errors.New("target unreachable")
+			}
+			return nil, &connFailure{t.maskErr(lastErr)}
+		}
+		wait := min(giveUp.Sub(now), max(nextTry.Sub(now), 0))
+		timer := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+		case <-healthy:
+		case <-timer.C:
+		}
+		timer.Stop()
+	}
+}
+
+// execute sends the task text (and, for a lone CALL or VACUUM, the session
+// reset after it). When ctx ends meanwhile, pgx sends a cancel request; if
+// the backend is still busy TerminateAfter later, it is terminated.
+func (e *Executor) execute(ctx context.Context, t *target, conn *pgxpool.Conn, q prepared, log hclog.Logger) (execErr, resetErr error) {
+	pc := conn.Conn().PgConn()
+	pid := pc.PID()
+	execDone := make(chan struct{})
+	watchdogDone := make(chan struct{})
+	stopWatchdog := context.AfterFunc(ctx, func() {
+		defer close(watchdogDone)
+		timer := time.NewTimer(e.cfg.TerminateAfter)
+		defer timer.Stop()
+		select {
+		case <-execDone:
+			return
+		case <-timer.C:
+		}
+		log.Info("query still running after cancel; terminating its backend", "pid", pid)
+		ok, err := e.terminate(context.WithoutCancel(ctx), t, pid)
+		switch {
+		case err != nil:
+			log.Warn("terminating the backend failed", "pid", pid, "error", err)
+		case ok:
+			log.Info("backend terminated", "pid", pid)
+		default:
+			log.Debug("backend already gone or idle", "pid", pid)
+		}
+	})
+	execErr = pc.Exec(ctx, q.sql).Close()
+	if execErr == nil && q.separateReset && pc.TxStatus() == 'I' {
+		resetErr = pc.Exec(ctx, resetSession).Close()
+	}
+	close(execDone)
+	if !stopWatchdog() {
+		<-watchdogDone
+	}
+	return execErr, resetErr
+}
+
+// destroy closes a task connection instead of returning it to the pool,
+// rolling back first if asked.
+func (e *Executor) destroy(ctx context.Context, conn *pgxpool.Conn, rollback bool) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeTimeout)
+	defer cancel()
+	c := conn.Hijack()
+	if rollback && !c.IsClosed() {
+		_ = c.PgConn().Exec(ctx, "ROLLBACK").Close()
+	}
+	_ = c.Close(ctx)
+}
+
+// errorText renders a task error as libpq does ("ERROR:  message" and the
+// DETAIL, HINT, QUERY and CONTEXT lines), masked.
+func errorText(err error, t *target) string {
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) {
+		return t.maskErr(err)
+	}
+	var b strings.Builder
+	sev := pe.Severity
+	if sev == "" {
+		sev = "ERROR"
+	}
+	b.WriteString(sev + ":  " + pe.Message)
+	for _, l := range []struct{ label, text string }{
+		{"DETAIL", pe.Detail}, {"HINT", pe.Hint}, {"QUERY", pe.InternalQuery}, {"CONTEXT", pe.Where},
+	} {
+		if l.text != "" {
+			b.WriteString("\n" + l.label + ":  " + l.text)
+		}
+	}
+	return maskSecret(b.String(), t.password)
+}

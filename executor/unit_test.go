@@ -1,0 +1,145 @@
+package executor
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/stretchr/testify/require"
+
+	"github.com/asyncnode/asyncnode/pgstore"
+)
+
+func TestLeadingKeyword(t *testing.T) {
+	cases := []struct {
+		text   string
+		kw     string
+		single bool
+	}{
+		{"CALL p()", "CALL", true},
+		{"  call p();  ", "CALL", true},
+		{"call p();;\n -- done\n", "CALL", true},
+		{"/* a /* nested */ comment */ -- line\n\tVaCuUm ANALYZE t", "VACUUM", true},
+		{"vacuum;", "VACUUM", true},
+		{"vacuum(verbose) t", "VACUUM", true},
+		{"callx()", "CALLX", true},
+		{"call p(); select 1", "CALL", false},
+		{"call p('a;b')", "CALL", true},
+		{"call p('it''s;')", "CALL", true},
+		{`call p(E'\';x')`, "CALL", true},
+		{`call "we;ird"()`, "CALL", true},
+		{"call p($$;$$)", "CALL", true},
+		{"call p($tag$ $$; $tag$)", "CALL", true},
+		{"call p(/* ; */ 1) -- ; trailing", "CALL", true},
+		{"call p($1)", "CALL", true},
+		{"select 1; select 2", "SELECT", false},
+		{"select 1;\n/* c */ ;", "SELECT", true},
+		{"", "", true},
+		{"-- only a comment", "", true},
+	}
+	for _, c := range cases {
+		kw, single := leadingKeyword(c.text)
+		require.Equal(t, c.kw, kw, "text %q", c.text)
+		require.Equal(t, c.single, single, "text %q", c.text)
+	}
+}
+
+func TestPrepareQuery(t *testing.T) {
+	p := prepareQuery(42, "insert into t values (##flow.TASK_ID##, '##flow.TASK_ID##')")
+	require.False(t, p.separateReset)
+	require.Equal(t, "insert into t values (42, '42')\n;"+resetSession, p.sql)
+
+	p = prepareQuery(7, "-- maintenance\nCALL do_it(##flow.TASK_ID##)")
+	require.True(t, p.separateReset)
+	require.Equal(t, "-- maintenance\nCALL do_it(7)", p.sql)
+
+	p = prepareQuery(7, "VACUUM t; select 1")
+	require.False(t, p.separateReset)
+}
+
+func TestMaskDSN(t *testing.T) {
+	cases := []struct{ in, want string }{
+		{"host=h password=secret user=u", "host=h password=xxxxx user=u"},
+		{"host=h password = 'sec ret\\'x' user=u", "host=h password = xxxxx user=u"},
+		{"host=h PASSWORD=secret", "host=h PASSWORD=xxxxx"},
+		{"sslpassword=secret host=h", "sslpassword=xxxxx host=h"},
+		{"postgres://bob:secret@db.example:5432/app?sslmode=disable", "postgres://bob:xxxxx@db.example:5432/app?sslmode=disable"},
+		{"postgresql://bob:s%40cret@db/app", "postgresql://bob:xxxxx@db/app"},
+		{"postgres://db/app?user=bob&password=secret&sslmode=disable", "postgres://db/app?user=bob&password=xxxxx&sslmode=disable"},
+		{"cannot parse `postgres://bob:secret@h/db`: bad", "cannot parse `postgres://bob:xxxxx@h/db`: bad"},
+		{"postgres://bob@h/db", "postgres://bob@h/db"},
+		{"host=h user=u", "host=h user=u"},
+	}
+	for _, c := range cases {
+		got := maskDSN(c.in)
+		require.Equal(t, c.want, got, "input %q", c.in)
+		require.NotContains(t, got, "secret")
+	}
+	require.Equal(t, "auth failed for xxxxx", maskSecret("auth failed for hunter2!", "hunter2!"))
+	require.Equal(t, "a b", maskSecret("a b", "a")) // too short to replace literally
+}
+
+func FuzzLeadingKeyword(f *testing.F) {
+	for _, s := range []string{"call p()", "select 'a;b'; x", "$$;$$", "/* /* */", "E'\\", "$a$"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		_, _ = leadingKeyword(s) // must not panic or loop
+		_ = maskDSN(s)
+	})
+}
+
+func TestErrorText(t *testing.T) {
+	tg := &target{password: "topsecret"}
+	pe := &pgconn.PgError{Severity: "ERROR", Message: "boom", Detail: "d", Hint: "h", Where: "PL/pgSQL function x line 1 at RAISE"}
+	require.Equal(t, "ERROR:  boom\nDETAIL:  d\nHINT:  h\nCONTEXT:  PL/pgSQL function x line 1 at RAISE",
+		errorText(pe, tg))
+	require.Equal(t, "ERROR:  division by zero", errorText(&pgconn.PgError{Severity: "ERROR", Message: "division by zero"}, tg))
+	require.Equal(t, "failed: password=xxxxx xxxxx",
+		errorText(errors.New("failed: password=topsecret topsecret"), tg))
+}
+
+type nopStore struct{}
+
+func (nopStore) StartTasks(context.Context, string, []pgstore.Ref) ([]pgstore.StartedTask, error) {
+	return nil, nil
+}
+func (nopStore) FinishTasks(context.Context, string, []pgstore.Outcome) ([]pgstore.Finished, error) {
+	return nil, nil
+}
+
+type nopReporter struct{}
+
+func (nopReporter) Report(context.Context, []Done) error { return nil }
+
+func TestNewValidates(t *testing.T) {
+	ok := Config{Node: "n1", Incarnation: "i1"}
+	_, err := New(ok, nopStore{}, nopReporter{})
+	require.NoError(t, err)
+
+	for name, c := range map[string]Config{
+		"Node":              {Incarnation: "i"},
+		"Incarnation":       {Node: "n"},
+		"longer than":       {Node: "n", Incarnation: strings.Repeat("x", 60)},
+		"printable":         {Node: "n\n", Incarnation: "i"},
+		"BatchSize":         {Node: "n", Incarnation: "i", BatchSize: -1},
+		"MaxConnsPerTarget": {Node: "n", Incarnation: "i", MaxConnsPerTarget: -1},
+		"TerminateAfter":    {Node: "n", Incarnation: "i", TerminateAfter: -1},
+	} {
+		_, err := New(c, nopStore{}, nopReporter{})
+		require.ErrorIs(t, err, ErrInvalidConfig, name)
+		require.Contains(t, err.Error(), name)
+	}
+	_, err = New(ok, nil, nopReporter{})
+	require.ErrorIs(t, err, ErrInvalidConfig)
+
+	e, err := New(ok, nopStore{}, nopReporter{})
+	require.NoError(t, err)
+	require.Equal(t, "asyncnode/n1/i1", e.ApplicationName())
+	require.Equal(t, DefaultBatchSize, e.cfg.BatchSize)
+	require.Equal(t, DefaultMaxConnsPerTarget, e.cfg.MaxConnsPerTarget)
+	require.Equal(t, DefaultTerminateAfter, e.cfg.TerminateAfter)
+	require.Equal(t, DefaultFlushEvery, e.cfg.FlushEvery)
+}
