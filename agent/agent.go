@@ -1,0 +1,285 @@
+// Package agent assembles one asyncnode node: the server-database store,
+// the replicated FSM, the cluster layer (Raft, gossip, node API), the
+// executor and the leader's scheduler, and the glue between them.
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/asyncnode/asyncnode/cluster"
+	"github.com/asyncnode/asyncnode/executor"
+	"github.com/asyncnode/asyncnode/fsm"
+	"github.com/asyncnode/asyncnode/pgstore"
+	"github.com/asyncnode/asyncnode/scheduler"
+)
+
+// Config configures one node.
+type Config struct {
+	NodeID     string
+	DSN        string // server database; empty: libpq PG* environment variables
+	DataDir    string
+	RaftAddr   string
+	GossipAddr string
+	HTTPAddr   string
+	Join       []string
+	Voters     int
+	Key        []byte
+	Token      string
+	TLSCert    string
+	TLSKey     string
+	TLSCA      string
+	// MaxTasks caps the tasks this node runs at once (0: no cap beyond
+	// control.workers and the pools).
+	MaxTasks int
+	Log      hclog.Logger
+	// Cluster timing overrides (tests).
+	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
+	// LostAfter is how long a node must be dead before its attempts are resolved.
+	LostAfter time.Duration
+}
+
+// Agent is one running node.
+type Agent struct {
+	cfg   Config
+	log   hclog.Logger
+	inc   string
+	store *pgstore.Store
+	fsm   *fsm.FSM
+	node  *cluster.Node
+	exec  *executor.Executor
+	sched *scheduler.Scheduler
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	once   sync.Once
+	regMu  sync.Mutex
+	drain  bool
+}
+
+// observer routes committed FSM changes to this node's executor and the
+// scheduler. It runs inside Apply and never blocks.
+type observer struct{ a *Agent }
+
+func (o observer) mine(as []fsm.Assignment) []fsm.Assignment {
+	var out []fsm.Assignment
+	for _, x := range as {
+		if x.Node == o.a.cfg.NodeID && x.Incarnation == o.a.inc {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+func (o observer) Assigned(as []fsm.Assignment) {
+	mine := o.mine(as)
+	if len(mine) == 0 || o.a.exec == nil {
+		return
+	}
+	work := make([]executor.Work, len(mine))
+	for i, x := range mine {
+		work[i] = executor.Work{Ref: pgstore.Ref{TaskID: x.TaskID, Attempt: x.Attempt}, Deadline: time.UnixMilli(x.Deadline)}
+	}
+	o.a.exec.Submit(work)
+}
+
+func (o observer) Revoked(as []fsm.Assignment) {
+	mine := o.mine(as)
+	if len(mine) == 0 || o.a.exec == nil {
+		return
+	}
+	refs := make([]pgstore.Ref, len(mine))
+	for i, x := range mine {
+		refs[i] = pgstore.Ref{TaskID: x.TaskID, Attempt: x.Attempt}
+	}
+	o.a.exec.Revoke(refs)
+}
+
+func (o observer) Released([]fsm.Ref) {
+	if o.a.sched != nil {
+		o.a.sched.Wake()
+	}
+}
+
+// reporter sends executor completions to the leader through Raft.
+type reporter struct{ a *Agent }
+
+func (r reporter) Report(ctx context.Context, done []executor.Done) error {
+	items := make([]fsm.ReleaseItem, len(done))
+	for i, d := range done {
+		items[i] = fsm.ReleaseItem{Ref: fsm.Ref{TaskID: d.TaskID, Attempt: d.Attempt}, Yielded: d.Yielded, HoldPool: d.HoldPool}
+	}
+	b, err := fsm.Encode(fsm.MsgRelease, fsm.Release{Items: items})
+	if err != nil {
+		return err
+	}
+	_, err = r.a.node.Apply(ctx, b)
+	return err
+}
+
+// New validates cfg and builds the node's parts (nothing runs yet).
+func New(cfg Config) (*Agent, error) {
+	if cfg.Log == nil {
+		cfg.Log = hclog.NewNullLogger()
+	}
+	if cfg.NodeID == "" {
+		return nil, errors.New("agent: node id is required")
+	}
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return nil, fmt.Errorf("agent: incarnation: %w", err)
+	}
+	a := &Agent{cfg: cfg, log: cfg.Log.With("node", cfg.NodeID), inc: hex.EncodeToString(b[:])}
+	a.fsm = fsm.New(observer{a})
+	return a, nil
+}
+
+// Incarnation identifies this process of the node.
+func (a *Agent) Incarnation() string { return a.inc }
+
+// FSM exposes the replicated state (read-only use).
+func (a *Agent) FSM() *fsm.FSM { return a.fsm }
+
+// Cluster exposes the cluster node.
+func (a *Agent) Cluster() *cluster.Node { return a.node }
+
+// Scheduler exposes the leader scheduler.
+func (a *Agent) Scheduler() *scheduler.Scheduler { return a.sched }
+
+// Start connects to the server database, checks its schema, starts the
+// cluster layer and the loops.
+func (a *Agent) Start(ctx context.Context) error {
+	store, err := pgstore.Open(ctx, a.cfg.DSN, a.log)
+	if err != nil {
+		return err
+	}
+	if err := store.CheckSchema(ctx); err != nil {
+		store.Close()
+		return err
+	}
+	a.store = store
+	node, err := cluster.New(cluster.Config{
+		NodeID: a.cfg.NodeID, DataDir: a.cfg.DataDir, RaftAddr: a.cfg.RaftAddr, GossipAddr: a.cfg.GossipAddr,
+		HTTPAddr: a.cfg.HTTPAddr, Join: a.cfg.Join, Voters: a.cfg.Voters, Key: a.cfg.Key, Token: a.cfg.Token,
+		TLSCert: a.cfg.TLSCert, TLSKey: a.cfg.TLSKey, TLSCA: a.cfg.TLSCA, Log: a.log,
+		HeartbeatTimeout: a.cfg.HeartbeatTimeout, ElectionTimeout: a.cfg.ElectionTimeout, LeaderLeaseTimeout: a.cfg.LeaderLeaseTimeout,
+	}, a.fsm)
+	if err != nil {
+		store.Close()
+		return err
+	}
+	a.node = node
+	exec, err := executor.New(executor.Config{Node: a.cfg.NodeID, Incarnation: a.inc, ServerDSN: a.cfg.DSN, Log: a.log}, store, reporter{a})
+	if err != nil {
+		store.Close()
+		return err
+	}
+	a.exec = exec
+	sched, err := scheduler.New(scheduler.Config{NodeID: a.cfg.NodeID, Store: store, Raft: node, FSM: a.fsm,
+		Nodes: a.nodes, Log: a.log, LostAfter: a.cfg.LostAfter})
+	if err != nil {
+		store.Close()
+		return err
+	}
+	a.sched = sched
+	a.registerAPI()
+	if err := node.Start(ctx); err != nil {
+		store.Close()
+		return err
+	}
+	rctx, cancel := context.WithCancel(context.Background())
+	a.cancel = cancel
+	a.goRun(func() { _ = exec.Run(rctx) })
+	a.goRun(func() { _ = sched.Run(rctx) })
+	a.goRun(func() { _ = store.Listen(rctx, sched.Notify) })
+	a.goRun(func() { a.register(rctx) })
+	a.log.Info("node started", "incarnation", a.inc, "api", node.APIAddr(), "raft", node.RaftAddr(), "gossip", node.GossipAddr())
+	return nil
+}
+
+func (a *Agent) goRun(fn func()) {
+	a.wg.Add(1)
+	go func() { defer a.wg.Done(); fn() }()
+}
+
+// register announces this process's incarnation (and caps) through Raft,
+// retrying until it is committed.
+func (a *Agent) register(ctx context.Context) {
+	for {
+		err := a.applyRegistration(ctx)
+		if err == nil {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func (a *Agent) applyRegistration(ctx context.Context) error {
+	a.regMu.Lock()
+	reg := fsm.Register{Node: a.cfg.NodeID, Incarnation: a.inc, MaxTasks: a.cfg.MaxTasks, Draining: a.drain}
+	a.regMu.Unlock()
+	b, err := fsm.Encode(fsm.MsgRegister, reg)
+	if err != nil {
+		return err
+	}
+	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	_, err = a.node.Apply(actx, b)
+	return err
+}
+
+// nodes lists the task-running nodes for the scheduler: cluster members
+// that registered their current incarnation.
+func (a *Agent) nodes() []scheduler.NodeInfo {
+	regs := a.fsm.Nodes()
+	alive := map[string]bool{a.cfg.NodeID: true}
+	for _, m := range a.node.Members() {
+		alive[m.ID] = m.Health == "alive" || m.Health == "suspect"
+	}
+	out := make([]scheduler.NodeInfo, 0, len(regs))
+	for id, r := range regs {
+		out = append(out, scheduler.NodeInfo{ID: id, MaxTasks: r.MaxTasks, Alive: alive[id], Draining: r.Draining})
+	}
+	return out
+}
+
+// Drain stops this node from taking new tasks and waits (bounded by ctx)
+// for its running tasks to finish.
+func (a *Agent) Drain(ctx context.Context) error {
+	a.regMu.Lock()
+	a.drain = true
+	a.regMu.Unlock()
+	if err := a.applyRegistration(ctx); err != nil {
+		a.log.Warn("drain: could not announce draining", "error", err)
+	}
+	return a.exec.Drain(ctx)
+}
+
+// Stop stops the node: loops, cluster layer, connections. Idempotent.
+func (a *Agent) Stop(ctx context.Context) error {
+	var err error
+	a.once.Do(func() {
+		if a.cancel != nil {
+			a.cancel()
+		}
+		a.wg.Wait()
+		if a.node != nil {
+			err = a.node.Stop(ctx)
+		}
+		if a.store != nil {
+			a.store.Close()
+		}
+	})
+	return err
+}

@@ -1,0 +1,396 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/asyncnode/asyncnode/agent"
+	"github.com/asyncnode/asyncnode/pgstore"
+)
+
+func newFlagSet(name string, stdout io.Writer, summary string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(stdout, "%s\n\nFlags:\n", summary)
+		printDefaults(stdout, fs)
+	}
+	return fs
+}
+
+// parse wraps parseFlags and prints help on --help.
+func parse(fs *flag.FlagSet, args []string, env func(string) string) error {
+	err := parseFlags(fs, args, env)
+	if err == flag.ErrHelp {
+		fs.Usage()
+	}
+	return err
+}
+
+type logFlags struct {
+	level string
+	json  bool
+}
+
+func (l *logFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&l.level, "log-level", "info", "log level: trace, debug, info, warn, error")
+	fs.BoolVar(&l.json, "log-json", false, "log in JSON")
+}
+
+func (l *logFlags) logger(w io.Writer) (hclog.Logger, error) {
+	lvl := hclog.LevelFromString(l.level)
+	if lvl == hclog.NoLevel {
+		return nil, usagef("--log-level must be one of trace, debug, info, warn, error; got %q", l.level)
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: "asyncnode", Level: lvl, JSONFormat: l.json, Output: w}), nil
+}
+
+func cmdInit(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
+	fs := newFlagSet("init", stdout, "asyncnode init --dsn DSN: install or upgrade the async schema (idempotent)")
+	dsn := fs.String("dsn", "", "server database connection string (libpq key=value or URL; PG* variables apply)")
+	var lf logFlags
+	lf.register(fs)
+	if err := parse(fs, args, env); err != nil {
+		return err
+	}
+	log, err := lf.logger(stderr)
+	if err != nil {
+		return err
+	}
+	applied, err := pgstore.Migrate(ctx, *dsn, log)
+	if err != nil {
+		return err
+	}
+	if len(applied) == 0 {
+		fmt.Fprintf(stdout, "async schema is up to date (version %d)\n", pgstore.CurrentVersion())
+	} else {
+		fmt.Fprintf(stdout, "applied migrations %v; async schema is at version %d\n", applied, pgstore.CurrentVersion())
+	}
+	return nil
+}
+
+var nodeIDRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+func checkAddr(name, v string, allowEmpty bool) error {
+	if v == "" && allowEmpty {
+		return nil
+	}
+	host, port, err := net.SplitHostPort(v)
+	if err != nil {
+		return usagef("--%s must be host:port, got %q", name, v)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 0 || p > 65535 {
+		return usagef("--%s has an invalid port in %q", name, v)
+	}
+	if host == "" {
+		return usagef("--%s needs a host (e.g. 127.0.0.1:%s), got %q", name, port, v)
+	}
+	return nil
+}
+
+type runFlags struct {
+	dsn, nodeID, dataDir, httpAddr, raftAddr, gossipAddr string
+	join                                                 listFlag
+	voters, maxTasks                                     int
+	gossipKey, token, tlsCert, tlsKey, tlsCA             string
+	lostAfter, shutdown                                  time.Duration
+	log                                                  logFlags
+}
+
+func (r *runFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&r.dsn, "dsn", "", "server database connection string (libpq key=value or URL; PG* variables apply)")
+	fs.StringVar(&r.nodeID, "node-id", "", "this node's unique id (letters, digits, _ . -)")
+	fs.StringVar(&r.dataDir, "data-dir", "", "directory for Raft state (created if missing)")
+	fs.StringVar(&r.httpAddr, "http-addr", "127.0.0.1:7700", "node API address host:port")
+	fs.StringVar(&r.raftAddr, "raft-addr", "127.0.0.1:7701", "Raft address host:port")
+	fs.StringVar(&r.gossipAddr, "gossip-addr", "127.0.0.1:7702", "gossip (memberlist) address host:port")
+	fs.Var(&r.join, "join", "gossip address(es) of existing members, comma-separated")
+	fs.IntVar(&r.voters, "voters", 3, "number of Raft voters (3 or 5; further nodes are non-voters)")
+	fs.IntVar(&r.maxTasks, "max-tasks", 0, "cap on tasks this node runs at once (0: only control.workers and pools)")
+	fs.StringVar(&r.gossipKey, "gossip-key", "", "base64 cluster key (16, 24 or 32 bytes) encrypting gossip")
+	fs.StringVar(&r.token, "token", "", "token required by the node API")
+	fs.StringVar(&r.tlsCert, "tls-cert", "", "TLS certificate for Raft and the API")
+	fs.StringVar(&r.tlsKey, "tls-key", "", "TLS key")
+	fs.StringVar(&r.tlsCA, "tls-ca", "", "TLS CA bundle that peers' certificates must chain to")
+	fs.DurationVar(&r.lostAfter, "lost-after", 10*time.Second, "how long a node must be unreachable before its tasks are resolved as lost")
+	fs.DurationVar(&r.shutdown, "shutdown-timeout", 10*time.Second, "on SIGTERM, how long running tasks may finish before they are stopped")
+	r.log.register(fs)
+}
+
+func (r *runFlags) validate() (*agent.Config, error) {
+	if r.nodeID == "" {
+		return nil, usagef("--node-id is required")
+	}
+	if !nodeIDRe.MatchString(r.nodeID) {
+		return nil, usagef("--node-id %q is invalid: use 1-64 letters, digits, '_', '.', '-'", r.nodeID)
+	}
+	if r.dataDir == "" {
+		return nil, usagef("--data-dir is required")
+	}
+	for _, a := range []struct{ n, v string }{{"http-addr", r.httpAddr}, {"raft-addr", r.raftAddr}, {"gossip-addr", r.gossipAddr}} {
+		if err := checkAddr(a.n, a.v, false); err != nil {
+			return nil, err
+		}
+	}
+	for _, j := range r.join {
+		if err := checkAddr("join", j, false); err != nil {
+			return nil, err
+		}
+	}
+	if r.voters < 1 || r.voters > 7 {
+		return nil, usagef("--voters must be between 1 and 7 (3 or 5 recommended), got %d", r.voters)
+	}
+	if r.maxTasks < 0 {
+		return nil, usagef("--max-tasks must not be negative, got %d", r.maxTasks)
+	}
+	if err := positive("lost-after", r.lostAfter); err != nil {
+		return nil, err
+	}
+	if err := positive("shutdown-timeout", r.shutdown); err != nil {
+		return nil, err
+	}
+	var key []byte
+	if r.gossipKey != "" {
+		k, err := base64.StdEncoding.DecodeString(r.gossipKey)
+		if err != nil {
+			return nil, usagef("--gossip-key must be base64: %v", err)
+		}
+		if n := len(k); n != 16 && n != 24 && n != 32 {
+			return nil, usagef("--gossip-key must decode to 16, 24 or 32 bytes, got %d", n)
+		}
+		key = k
+	}
+	tls := 0
+	for _, v := range []string{r.tlsCert, r.tlsKey, r.tlsCA} {
+		if v != "" {
+			tls++
+		}
+	}
+	if tls != 0 && tls != 3 {
+		return nil, usagef("--tls-cert, --tls-key and --tls-ca must be given together")
+	}
+	if _, err := pgx.ParseConfig(r.dsn); err != nil {
+		return nil, usagef("--dsn is invalid: %s", pgstore.MaskDSN(err.Error()))
+	}
+	return &agent.Config{NodeID: r.nodeID, DSN: r.dsn, DataDir: r.dataDir, RaftAddr: r.raftAddr,
+		GossipAddr: r.gossipAddr, HTTPAddr: r.httpAddr, Join: r.join, Voters: r.voters, Key: key,
+		Token: r.token, TLSCert: r.tlsCert, TLSKey: r.tlsKey, TLSCA: r.tlsCA, MaxTasks: r.maxTasks,
+		LostAfter: r.lostAfter}, nil
+}
+
+func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
+	fs := newFlagSet("run", stdout, "asyncnode run: start a node (bootstraps a new cluster with an empty --data-dir and no --join)")
+	var rf runFlags
+	rf.register(fs)
+	if err := parse(fs, args, env); err != nil {
+		return err
+	}
+	cfg, err := rf.validate()
+	if err != nil {
+		return err
+	}
+	log, err := rf.log.logger(stderr)
+	if err != nil {
+		return err
+	}
+	cfg.Log = log
+	a, err := agent.New(*cfg)
+	if err != nil {
+		return err
+	}
+	if err := a.Start(ctx); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	log.Info("shutting down: no new tasks; waiting for running ones", "timeout", rf.shutdown)
+	dctx, cancel := context.WithTimeout(context.Background(), rf.shutdown)
+	if err := a.Drain(dctx); err != nil {
+		log.Warn("drain incomplete", "error", err)
+	}
+	cancel()
+	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	return a.Stop(sctx)
+}
+
+// apiClient talks to a node's HTTP API.
+type apiClient struct {
+	base  string
+	token string
+	http  *http.Client
+}
+
+func newAPIClient(addr, token string) *apiClient {
+	base := addr
+	if !strings.HasPrefix(base, "http://") && !strings.HasPrefix(base, "https://") {
+		base = "http://" + base
+	}
+	return &apiClient{base: base, token: token, http: &http.Client{Timeout: 15 * time.Second}}
+}
+
+func (c *apiClient) do(ctx context.Context, method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, rd)
+	if err != nil {
+		return err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("node API %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if resp.StatusCode/100 != 2 {
+		var e struct {
+			Error string `json:"error"`
+			Code  string `json:"code"`
+		}
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return fmt.Errorf("node API %s %s: %s (%s)", method, path, e.Error, e.Code)
+		}
+		return fmt.Errorf("node API %s %s: HTTP %d: %s", method, path, resp.StatusCode, strings.TrimSpace(string(b)))
+	}
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			return fmt.Errorf("node API %s %s: bad response: %w", method, path, err)
+		}
+	}
+	return nil
+}
+
+func apiFlags(fs *flag.FlagSet) (addr, token *string) {
+	addr = fs.String("http-addr", "127.0.0.1:7700", "node API address host:port")
+	token = fs.String("token", "", "node API token")
+	return addr, token
+}
+
+func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
+	fs := newFlagSet("status", stdout, "asyncnode status: leader, members, pools, queue depth and recent failures")
+	addr, token := apiFlags(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parse(fs, args, env); err != nil {
+		return err
+	}
+	if err := checkAddr("http-addr", *addr, false); err != nil {
+		return err
+	}
+	var rep agent.StatusReport
+	if err := newAPIClient(*addr, *token).do(ctx, http.MethodGet, "/v1/status", nil, &rep); err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	printStatus(stdout, rep)
+	return nil
+}
+
+func printStatus(w io.Writer, rep agent.StatusReport) {
+	leader := rep.Leader
+	if leader == "" {
+		leader = "(none)"
+	}
+	fmt.Fprintf(w, "node %s  leader %s  term %d\n", rep.Node, leader, rep.Term)
+	if rep.Scheduler.Leading {
+		state := "dispatching"
+		if !rep.Scheduler.Dispatching {
+			state = "NOT dispatching: " + rep.Scheduler.Reason
+		}
+		fmt.Fprintf(w, "this node leads: %s (%d tasks dispatched this term)\n", state, rep.Scheduler.Dispatched)
+	}
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nMEMBER\tROLE\tHEALTH\tRUNNING\tLAST CONTACT\tAPI")
+	for _, m := range rep.Members {
+		lc := "-"
+		if !m.LastContact.IsZero() {
+			lc = time.Since(m.LastContact).Round(time.Millisecond).String() + " ago"
+		}
+		role := string(m.Role)
+		if m.Draining {
+			role += " (draining)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\n", m.ID, role, m.Health, m.Running, lc, m.APIAddr)
+	}
+	fmt.Fprintf(tw, "\nWORKERS\t%d/%d running\n", rep.Workers.Running, rep.Workers.Limit)
+	fmt.Fprintf(tw, "QUEUE\t%d queued, %d running, %d yielded\n", rep.Queue.Queued, rep.Queue.Running, rep.Queue.Yielded)
+	fmt.Fprintln(tw, "\nPOOL\tRUNNING/LIMIT")
+	for _, p := range rep.Pools {
+		fmt.Fprintf(tw, "%s\t%d/%d\n", p.Name, p.Running, p.Limit)
+	}
+	tw.Flush()
+	if len(rep.Failures) > 0 {
+		fmt.Fprintln(w, "\nRECENT FAILURES")
+		for _, f := range rep.Failures {
+			msg := strings.ReplaceAll(f.Error, "\n", " ")
+			if len(msg) > 120 {
+				msg = msg[:117] + "..."
+			}
+			fmt.Fprintf(w, "  task %d %s at %s: %s\n", f.TaskID, f.FinishStatus, f.Processed.Format(time.RFC3339), msg)
+		}
+	}
+	for _, e := range rep.Errors {
+		fmt.Fprintln(w, "error:", e)
+	}
+}
+
+func cmdJoin(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
+	fs := newFlagSet("join", stdout, "asyncnode join --http-addr LOCAL ADDR...: ask the running node at LOCAL to join the members at gossip ADDR")
+	addr, token := apiFlags(fs)
+	if err := parse(fs, args, env); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		return usagef("give at least one gossip address to join (host:port)")
+	}
+	for _, a := range fs.Args() {
+		if err := checkAddr("join address", a, false); err != nil {
+			return err
+		}
+	}
+	if err := newAPIClient(*addr, *token).do(ctx, http.MethodPost, "/v1/join", map[string]any{"addrs": fs.Args()}, nil); err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, "joined")
+	return nil
+}
+
+func cmdLeave(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
+	fs := newFlagSet("leave", stdout, "asyncnode leave --http-addr LOCAL: leave the cluster gracefully")
+	addr, token := apiFlags(fs)
+	if err := parse(fs, args, env); err != nil {
+		return err
+	}
+	if err := newAPIClient(*addr, *token).do(ctx, http.MethodPost, "/v1/leave", nil, nil); err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, "left the cluster")
+	return nil
+}

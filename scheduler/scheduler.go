@@ -1,0 +1,736 @@
+// Package scheduler holds the leader's loops: claim eligible tasks in
+// (priority, entered, task_id) order under pool and worker limits, choose a
+// node for each, and commit the assignments through Raft; sweep finished,
+// cancelled and deferred tasks; enforce deadlines; resolve attempts of lost
+// nodes; reconcile after a failover; run maintenance. It never executes task
+// queries.
+package scheduler
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/asyncnode/asyncnode/fsm"
+	"github.com/asyncnode/asyncnode/pgstore"
+)
+
+// Store is the leader's view of the server database (implemented by *pgstore.Store).
+type Store interface {
+	LoadConfig(ctx context.Context) (pgstore.Config, error)
+	TakeLeadership(ctx context.Context, term uint64, node, clusterID string) (*pgstore.Leadership, error)
+	ClaimTasks(ctx context.Context, req pgstore.ClaimRequest) ([]pgstore.Claimed, error)
+	Unclaim(ctx context.Context, term uint64, refs []pgstore.Ref) error
+	TaskStates(ctx context.Context, ids []int64) (map[int64]pgstore.TaskState, error)
+	InFlightTasks(ctx context.Context) ([]pgstore.TaskState, error)
+	ResolveLost(ctx context.Context, term uint64, reason string, refs []pgstore.Ref, now time.Time) ([]pgstore.LostResult, error)
+	TimeOutTasks(ctx context.Context, term uint64, now time.Time) ([]pgstore.Ref, error)
+	PurgeHistory(ctx context.Context, term uint64, now time.Time) (int64, error)
+}
+
+// Raft is what the scheduler needs from the consensus layer.
+type Raft interface {
+	Apply(ctx context.Context, cmd []byte) ([]byte, error)
+	Term() uint64
+	Barrier(ctx context.Context) error
+	LeaderCh() <-chan bool
+	IsLeader() bool
+}
+
+// NodeInfo describes a node that can run tasks.
+type NodeInfo struct {
+	ID string
+	// MaxTasks caps the worker slots this node holds at once (0: no cap).
+	MaxTasks int
+	// Alive is false once failure detection declared the node dead.
+	Alive bool
+	// Draining nodes take no new tasks (graceful leave).
+	Draining bool
+}
+
+// Config wires a Scheduler.
+type Config struct {
+	NodeID string
+	Store  Store
+	Raft   Raft
+	FSM    *fsm.FSM
+	// Nodes lists the cluster's task-running nodes (at least this one).
+	Nodes func() []NodeInfo
+	Log   hclog.Logger
+	Now   func() time.Time
+	// MaxBatch caps the tasks claimed per pass (default 1000).
+	MaxBatch int
+	// ConfigRefresh is how often limits are re-read without a notification (default 1s).
+	ConfigRefresh time.Duration
+	// SweepEvery is the period of the finished/cancelled task sweep (default 1s).
+	SweepEvery time.Duration
+	// RevokeGrace is how long past its deadline an attempt may hold its slot
+	// before the leader revokes it (its node normally times it out itself).
+	RevokeGrace time.Duration
+	// LostAfter is how long a node must be dead before its attempts are
+	// resolved as lost (it covers the node's own lease; default 0 for
+	// incarnation changes, which are certain).
+	LostAfter time.Duration
+}
+
+// Status is what the scheduler reports for `asyncnode status`.
+type Status struct {
+	Leading     bool      `json:"leading"`
+	Term        uint64    `json:"term"`
+	Dispatching bool      `json:"dispatching"`
+	Reason      string    `json:"reason,omitempty"`
+	Dispatched  uint64    `json:"dispatched"`
+	LastPass    time.Time `json:"last_pass,omitempty"`
+}
+
+// Scheduler runs the leader loops while this node leads.
+type Scheduler struct {
+	cfg  Config
+	log  hclog.Logger
+	wake chan struct{}
+	swp  chan struct{}
+	cfgc chan struct{}
+
+	mu     sync.Mutex
+	status Status
+	dead   map[string]time.Time // node -> first seen dead
+}
+
+// New validates cfg and returns a Scheduler.
+func New(cfg Config) (*Scheduler, error) {
+	if cfg.Store == nil || cfg.Raft == nil || cfg.FSM == nil || cfg.Nodes == nil || cfg.NodeID == "" {
+		return nil, errors.New("scheduler: Store, Raft, FSM, Nodes and NodeID are required")
+	}
+	if cfg.Log == nil {
+		cfg.Log = hclog.NewNullLogger()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = 1000
+	}
+	if cfg.ConfigRefresh <= 0 {
+		cfg.ConfigRefresh = time.Second
+	}
+	if cfg.SweepEvery <= 0 {
+		cfg.SweepEvery = time.Second
+	}
+	if cfg.RevokeGrace <= 0 {
+		cfg.RevokeGrace = 5 * time.Second
+	}
+	return &Scheduler{cfg: cfg, log: cfg.Log.Named("scheduler"),
+		wake: make(chan struct{}, 1), swp: make(chan struct{}, 1), cfgc: make(chan struct{}, 1),
+		dead: map[string]time.Time{}}, nil
+}
+
+func poke(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// Wake asks for a dispatch pass soon (new tasks, freed slots). Never blocks.
+func (s *Scheduler) Wake() { poke(s.wake) }
+
+// Notify routes a server-database notification payload ("push", "finish",
+// "config", "control", "reconnect").
+func (s *Scheduler) Notify(payload string) {
+	switch payload {
+	case "finish":
+		poke(s.swp)
+	case "config", "control":
+		poke(s.cfgc)
+	case "reconnect":
+		poke(s.cfgc)
+		poke(s.swp)
+	}
+	poke(s.wake)
+}
+
+// Status returns a copy of the current status.
+func (s *Scheduler) Status() Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.status
+}
+
+func (s *Scheduler) setStatus(fn func(*Status)) {
+	s.mu.Lock()
+	fn(&s.status)
+	s.mu.Unlock()
+}
+
+// Run follows leadership changes until ctx is done: while this node leads,
+// it runs the leader loop with a context cancelled on loss of leadership.
+func (s *Scheduler) Run(ctx context.Context) error {
+	var (
+		cancel context.CancelFunc
+		done   chan struct{}
+	)
+	stop := func() {
+		if cancel != nil {
+			cancel()
+			<-done
+			cancel, done = nil, nil
+		}
+		s.setStatus(func(st *Status) { *st = Status{} })
+	}
+	defer stop()
+	start := func() {
+		if cancel != nil {
+			return
+		}
+		var lctx context.Context
+		lctx, cancel = context.WithCancel(ctx)
+		done = make(chan struct{})
+		go func() {
+			defer close(done)
+			s.lead(lctx)
+		}()
+	}
+	if s.cfg.Raft.IsLeader() {
+		start()
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case leader := <-s.cfg.Raft.LeaderCh():
+			if leader {
+				start()
+			} else {
+				stop()
+			}
+		}
+	}
+}
+
+// lead establishes leadership and runs the loops until ctx is cancelled.
+// If establishing fails it retries; it never dispatches without the
+// advisory lock and the term recorded in the server database.
+func (s *Scheduler) lead(ctx context.Context) {
+	term := s.cfg.Raft.Term()
+	log := s.log.With("term", term)
+	s.setStatus(func(st *Status) { *st = Status{Leading: true, Term: term, Reason: "establishing leadership"} })
+	var lease *pgstore.Leadership
+	for lease == nil {
+		var err error
+		lease, err = s.establish(ctx, term)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		reason := err.Error()
+		if errors.Is(err, pgstore.ErrLockHeld) {
+			reason = "not dispatching: " + err.Error()
+		}
+		log.Warn("cannot establish leadership; retrying", "error", err)
+		s.setStatus(func(st *Status) { st.Reason = reason })
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
+	}
+	defer func() {
+		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		lease.Release(rctx)
+	}()
+	log.Info("leadership established; dispatching")
+	s.setStatus(func(st *Status) { st.Dispatching, st.Reason = true, "" })
+	if err := s.loop(ctx, term, lease); err != nil && ctx.Err() == nil {
+		log.Error("leader loop stopped", "error", err)
+		s.setStatus(func(st *Status) { st.Dispatching, st.Reason = false, err.Error() })
+	}
+}
+
+func (s *Scheduler) establish(ctx context.Context, term uint64) (*pgstore.Leadership, error) {
+	bctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err := s.cfg.Raft.Barrier(bctx)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("raft barrier: %w", err)
+	}
+	clusterID, err := s.clusterID(ctx)
+	if err != nil {
+		return nil, err
+	}
+	lease, err := s.cfg.Store.TakeLeadership(ctx, term, s.cfg.NodeID, clusterID)
+	if err != nil {
+		return nil, fmt.Errorf("take leadership in the server database: %w", err)
+	}
+	if err := s.reconcile(ctx, term); err != nil {
+		rctx, c := context.WithTimeout(context.Background(), 5*time.Second)
+		lease.Release(rctx)
+		c()
+		return nil, fmt.Errorf("reconcile: %w", err)
+	}
+	return lease, nil
+}
+
+// clusterID returns the cluster's identity, creating it on first use. It
+// tells this cluster's stale leaders apart from another cluster that points
+// at the same server database.
+func (s *Scheduler) clusterID(ctx context.Context) (string, error) {
+	if id := s.cfg.FSM.ClusterID(); id != "" {
+		return id, nil
+	}
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("generate cluster id: %w", err)
+	}
+	if _, err := s.apply(ctx, fsm.MsgSetID, fsm.SetID{ClusterID: hex.EncodeToString(b[:])}); err != nil {
+		return "", fmt.Errorf("record cluster id: %w", err)
+	}
+	return s.cfg.FSM.ClusterID(), nil
+}
+
+// loop is the leader's event loop.
+func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leadership) error {
+	cfg, err := s.cfg.Store.LoadConfig(ctx)
+	if err != nil {
+		return fmt.Errorf("load config: %w", err)
+	}
+	cfgAt := s.cfg.Now()
+	sweepT := time.NewTicker(s.cfg.SweepEvery)
+	defer sweepT.Stop()
+	checkT := time.NewTicker(250 * time.Millisecond)
+	defer checkT.Stop()
+	idle := time.NewTimer(0)
+	defer idle.Stop()
+	for {
+		if s.cfg.Now().Sub(cfgAt) >= s.cfg.ConfigRefresh {
+			if c, err := s.cfg.Store.LoadConfig(ctx); err != nil {
+				s.log.Warn("reload config", "error", err)
+			} else {
+				cfg, cfgAt = c, s.cfg.Now()
+			}
+		}
+		more, err := s.dispatch(ctx, term, cfg)
+		if err != nil {
+			if errors.Is(err, pgstore.ErrStaleTerm) || ctx.Err() != nil {
+				return err
+			}
+			s.log.Warn("dispatch pass failed", "error", err)
+		}
+		if more {
+			// A full batch: there may be more work; yield briefly to events.
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-lease.Lost():
+				return errors.New("lost the server-database leadership session")
+			default:
+				continue
+			}
+		}
+		if !idle.Stop() {
+			select {
+			case <-idle.C:
+			default:
+			}
+		}
+		idle.Reset(pollInterval(cfg))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-lease.Lost():
+			return errors.New("lost the server-database leadership session")
+		case <-s.wake:
+		case <-idle.C:
+		case <-s.cfgc:
+			cfgAt = time.Time{}
+		case <-s.swp:
+			s.sweep(ctx, term)
+		case <-sweepT.C:
+			s.sweep(ctx, term)
+			s.maintain(ctx, term, cfg)
+		case <-checkT.C:
+			s.checkDeadlines(ctx, term)
+			s.checkLost(ctx, term)
+		}
+	}
+}
+
+func pollInterval(cfg pgstore.Config) time.Duration {
+	d := cfg.Control.IdleSleep
+	if d <= 0 {
+		d = 100 * time.Millisecond
+	}
+	if d > 5*time.Second {
+		d = 5 * time.Second
+	}
+	return d
+}
+
+// dispatch claims and assigns one batch. It reports whether the batch was
+// full (more work is likely waiting).
+func (s *Scheduler) dispatch(ctx context.Context, term uint64, cfg pgstore.Config) (bool, error) {
+	if !cfg.Control.Enabled || cfg.Control.Paused {
+		reason := "paused (async.control.paused)"
+		if !cfg.Control.Enabled {
+			reason = "disabled (async.control.enabled = false)"
+		}
+		s.setStatus(func(st *Status) { st.Dispatching, st.Reason = false, reason })
+		return false, nil
+	}
+	s.setStatus(func(st *Status) { st.Dispatching, st.Reason, st.LastPass = true, "", s.cfg.Now() })
+	counts := s.cfg.FSM.Counts()
+	free := cfg.Control.Workers - counts.Workers
+	if free <= 0 {
+		return false, nil
+	}
+	if free > s.cfg.MaxBatch {
+		free = s.cfg.MaxBatch
+	}
+	slots := buildSlots(free, s.cfg.Nodes(), counts.PerNode)
+	if len(slots) == 0 {
+		return false, nil
+	}
+	now := s.cfg.Now()
+	claimed, err := s.cfg.Store.ClaimTasks(ctx, pgstore.ClaimRequest{Term: term, Slots: slots, PoolRunning: counts.Pools, Now: now})
+	if err != nil {
+		return false, fmt.Errorf("claim: %w", err)
+	}
+	if len(claimed) == 0 {
+		return false, nil
+	}
+	incs := s.cfg.FSM.Nodes()
+	items := make([]fsm.Assignment, len(claimed))
+	for i, c := range claimed {
+		items[i] = fsm.Assignment{TaskID: c.TaskID, Attempt: c.Attempt, Node: c.Node, Incarnation: incs[c.Node].Incarnation,
+			Pool: c.Pool, Deadline: c.Deadline.UnixMilli(), External: c.External}
+	}
+	res, err := s.apply(ctx, fsm.MsgAssign, fsm.Assign{Term: term, Items: items})
+	if err != nil {
+		// The claimed rows stay RUNNING-but-never-started in Postgres; the
+		// next leader's reconciliation puts them back in the queue.
+		return false, fmt.Errorf("commit assignments: %w", err)
+	}
+	if len(res.Rejected) > 0 {
+		refs := make([]pgstore.Ref, len(res.Rejected))
+		for i, r := range res.Rejected {
+			refs[i] = pgstore.Ref{TaskID: r.TaskID, Attempt: r.Attempt}
+		}
+		if err := s.cfg.Store.Unclaim(ctx, term, refs); err != nil {
+			return false, fmt.Errorf("unclaim rejected: %w", err)
+		}
+	}
+	n := uint64(len(claimed) - len(res.Rejected))
+	s.setStatus(func(st *Status) { st.Dispatched += n })
+	return len(claimed) == len(slots), nil
+}
+
+// buildSlots lists, for up to free slots, the node that takes each one:
+// least-loaded alive, non-draining nodes first, within their MaxTasks.
+func buildSlots(free int, nodes []NodeInfo, held map[string]int) []string {
+	type cand struct {
+		id   string
+		load int
+		room int // -1: unlimited
+	}
+	var cs []*cand
+	for _, n := range nodes {
+		if !n.Alive || n.Draining {
+			continue
+		}
+		room := -1
+		if n.MaxTasks > 0 {
+			room = n.MaxTasks - held[n.ID]
+			if room <= 0 {
+				continue
+			}
+		}
+		cs = append(cs, &cand{id: n.ID, load: held[n.ID], room: room})
+	}
+	if len(cs) == 0 {
+		return nil
+	}
+	slots := make([]string, 0, free)
+	for len(slots) < free {
+		sort.SliceStable(cs, func(i, j int) bool {
+			if cs[i].load != cs[j].load {
+				return cs[i].load < cs[j].load
+			}
+			return cs[i].id < cs[j].id
+		})
+		var pick *cand
+		for _, c := range cs {
+			if c.room != 0 {
+				pick = c
+				break
+			}
+		}
+		if pick == nil {
+			break
+		}
+		slots = append(slots, pick.id)
+		pick.load++
+		if pick.room > 0 {
+			pick.room--
+		}
+	}
+	return slots
+}
+
+func (s *Scheduler) apply(ctx context.Context, t fsm.MessageType, v any) (fsm.Result, error) {
+	b, err := fsm.Encode(t, v)
+	if err != nil {
+		return fsm.Result{}, err
+	}
+	out, err := s.cfg.Raft.Apply(ctx, b)
+	if err != nil {
+		return fsm.Result{}, err
+	}
+	return fsm.DecodeResult(out)
+}
+
+func (s *Scheduler) nodeState() (alive map[string]bool, incs map[string]fsm.NodeReg) {
+	alive = map[string]bool{}
+	for _, n := range s.cfg.Nodes() {
+		if n.Alive {
+			alive[n.ID] = true
+		}
+	}
+	return alive, s.cfg.FSM.Nodes()
+}
+
+// owned reports whether an assignment's owner is the live process it was
+// given to.
+func owned(a fsm.Assignment, alive map[string]bool, incs map[string]fsm.NodeReg) bool {
+	return alive[a.Node] && incs[a.Node].Incarnation == a.Incarnation
+}
+
+// sweep compares assignments with the task log: a task finished, cancelled,
+// deferred or paused by SQL has its attempt revoked (its node stops the
+// query and releases the slot); slots of yielded and external tasks that
+// ended are released.
+func (s *Scheduler) sweep(ctx context.Context, term uint64) {
+	as := s.cfg.FSM.Assignments()
+	if len(as) == 0 {
+		return
+	}
+	ids := make([]int64, len(as))
+	for i, a := range as {
+		ids[i] = a.TaskID
+	}
+	states, err := s.cfg.Store.TaskStates(ctx, ids)
+	if err != nil {
+		s.log.Warn("sweep: read task states", "error", err)
+		return
+	}
+	alive, incs := s.nodeState()
+	var revoke []fsm.Ref
+	var release []fsm.ReleaseItem
+	for _, a := range as {
+		st, ok := states[a.TaskID]
+		if !ok {
+			continue
+		}
+		current := st.Attempt == a.Attempt && (st.State == pgstore.StateRunning || st.State == pgstore.StateYielded)
+		if current {
+			if st.State == pgstore.StateYielded && !a.Yielded && a.External {
+				// get_tasks handed out an asynchronous external task.
+				release = append(release, fsm.ReleaseItem{Ref: a.Ref(), Yielded: true, HoldPool: true})
+			}
+			continue
+		}
+		if a.External || a.Yielded || !owned(a, alive, incs) {
+			release = append(release, fsm.ReleaseItem{Ref: a.Ref()})
+		} else if !a.Revoked {
+			revoke = append(revoke, a.Ref())
+		}
+	}
+	s.commitRevokeRelease(ctx, revoke, release)
+}
+
+func (s *Scheduler) commitRevokeRelease(ctx context.Context, revoke []fsm.Ref, release []fsm.ReleaseItem) {
+	if len(revoke) > 0 {
+		if _, err := s.apply(ctx, fsm.MsgRevoke, fsm.Revoke{Items: revoke}); err != nil {
+			s.log.Warn("revoke", "error", err)
+		}
+	}
+	if len(release) > 0 {
+		if _, err := s.apply(ctx, fsm.MsgRelease, fsm.Release{Items: release}); err != nil {
+			s.log.Warn("release", "error", err)
+		} else {
+			s.Wake()
+		}
+	}
+}
+
+// checkDeadlines revokes attempts well past their deadline whose node has
+// not timed them out itself, and times out yielded and external tasks.
+func (s *Scheduler) checkDeadlines(ctx context.Context, term uint64) {
+	now := s.cfg.Now()
+	as := s.cfg.FSM.Assignments()
+	alive, incs := s.nodeState()
+	var revoke []fsm.Ref
+	due := false
+	for _, a := range as {
+		if a.Deadline == 0 || now.UnixMilli() < a.Deadline {
+			continue
+		}
+		if a.External || a.Yielded {
+			due = true
+			continue
+		}
+		if !a.Revoked && owned(a, alive, incs) && now.Sub(time.UnixMilli(a.Deadline)) > s.cfg.RevokeGrace {
+			revoke = append(revoke, a.Ref())
+		}
+	}
+	if due {
+		refs, err := s.cfg.Store.TimeOutTasks(ctx, term, now)
+		if err != nil {
+			s.log.Warn("time out yielded/external tasks", "error", err)
+		} else if len(refs) > 0 {
+			items := make([]fsm.ReleaseItem, len(refs))
+			for i, r := range refs {
+				items[i] = fsm.ReleaseItem{Ref: fsm.Ref{TaskID: r.TaskID, Attempt: r.Attempt}}
+			}
+			s.commitRevokeRelease(ctx, nil, items)
+		}
+	}
+	s.commitRevokeRelease(ctx, revoke, nil)
+}
+
+// checkLost resolves the attempts held by node processes that are gone:
+// a restarted node (new incarnation) or a node dead for LostAfter.
+func (s *Scheduler) checkLost(ctx context.Context, term uint64) {
+	now := s.cfg.Now()
+	alive, incs := s.nodeState()
+	s.mu.Lock()
+	for _, n := range s.cfg.Nodes() {
+		if n.Alive {
+			delete(s.dead, n.ID)
+		} else if _, ok := s.dead[n.ID]; !ok {
+			s.dead[n.ID] = now
+		}
+	}
+	deadSince := make(map[string]time.Time, len(s.dead))
+	for k, v := range s.dead {
+		deadSince[k] = v
+	}
+	s.mu.Unlock()
+	byReason := map[string][]fsm.Assignment{}
+	for _, a := range s.cfg.FSM.Assignments() {
+		if a.External || a.Node == "" {
+			continue
+		}
+		var reason string
+		switch {
+		case incs[a.Node].Incarnation != a.Incarnation:
+			reason = fmt.Sprintf("node %s was lost while running the task (the node restarted)", a.Node)
+		case !alive[a.Node]:
+			since, ok := deadSince[a.Node]
+			if !ok || now.Sub(since) < s.cfg.LostAfter {
+				continue
+			}
+			reason = fmt.Sprintf("node %s was lost while running the task (no contact since %s)", a.Node, since.UTC().Format(time.RFC3339))
+		default:
+			continue
+		}
+		byReason[reason] = append(byReason[reason], a)
+	}
+	for reason, list := range byReason {
+		s.resolveLost(ctx, term, reason, list, now)
+	}
+}
+
+func (s *Scheduler) resolveLost(ctx context.Context, term uint64, reason string, list []fsm.Assignment, now time.Time) {
+	refs := make([]pgstore.Ref, len(list))
+	for i, a := range list {
+		refs[i] = pgstore.Ref{TaskID: a.TaskID, Attempt: a.Attempt}
+	}
+	res, err := s.cfg.Store.ResolveLost(ctx, term, reason, refs, now)
+	if err != nil {
+		s.log.Warn("resolve lost attempts", "error", err, "count", len(refs))
+		return
+	}
+	counts := map[string]int{}
+	items := make([]fsm.ReleaseItem, 0, len(res))
+	for _, r := range res {
+		counts[r.Outcome]++
+		items = append(items, fsm.ReleaseItem{Ref: fsm.Ref{TaskID: r.TaskID, Attempt: r.Attempt}})
+	}
+	s.log.Warn("resolved attempts of a lost node", "reason", reason, "requeued", counts["requeued"],
+		"failed", counts["failed"], "timed_out", counts["timed_out"], "skipped", counts["skipped"])
+	s.commitRevokeRelease(ctx, nil, items)
+}
+
+// reconcile runs once per term before the first dispatch: it aligns the
+// FSM's assignments with the task log.
+func (s *Scheduler) reconcile(ctx context.Context, term uint64) error {
+	inflight, err := s.cfg.Store.InFlightTasks(ctx)
+	if err != nil {
+		return err
+	}
+	as := s.cfg.FSM.Assignments()
+	held := make(map[int64]fsm.Assignment, len(as))
+	for _, a := range as {
+		held[a.TaskID] = a
+	}
+	var unclaim []pgstore.Ref
+	var lost []pgstore.Ref
+	for _, t := range inflight {
+		if a, ok := held[t.TaskID]; ok && a.Attempt == t.Attempt {
+			continue
+		}
+		if t.State != pgstore.StateRunning {
+			// A yielded task needs no worker slot; one that keeps its pool
+			// slot (track_yielded) has it recorded in the FSM.
+			continue
+		}
+		ref := pgstore.Ref{TaskID: t.TaskID, Attempt: t.Attempt}
+		// Claimed in Postgres but never committed in Raft: it cannot have
+		// started unless something is badly wrong.
+		if !t.Started {
+			unclaim = append(unclaim, ref)
+		} else {
+			lost = append(lost, ref)
+		}
+	}
+	if len(unclaim) > 0 {
+		if err := s.cfg.Store.Unclaim(ctx, term, unclaim); err != nil {
+			return fmt.Errorf("requeue never-started tasks: %w", err)
+		}
+		s.log.Info("reconcile: requeued tasks claimed but never assigned", "count", len(unclaim))
+	}
+	if len(lost) > 0 {
+		if _, err := s.cfg.Store.ResolveLost(ctx, term, "the task was started without a recorded assignment (leader failover)", lost, s.cfg.Now()); err != nil {
+			return fmt.Errorf("resolve unassigned started tasks: %w", err)
+		}
+	}
+	// Assignments whose task ended or moved on are swept like any other.
+	s.sweep(ctx, term)
+	return nil
+}
+
+// maintain runs heavy maintenance (history purge) when due.
+func (s *Scheduler) maintain(ctx context.Context, term uint64, cfg pgstore.Config) {
+	now := s.cfg.Now()
+	last := cfg.Control.LastHeavyMaintenance
+	if last != nil && now.Sub(*last) < cfg.Control.HeavyMaintenanceSleep {
+		return
+	}
+	n, err := s.cfg.Store.PurgeHistory(ctx, term, now)
+	if err != nil {
+		s.log.Warn("heavy maintenance", "error", err)
+		return
+	}
+	s.log.Info("heavy maintenance: purged finished tasks", "deleted", n)
+	// Make sure the next pass sees the new last_heavy_maintenance.
+	poke(s.cfgc)
+}
