@@ -44,6 +44,10 @@ type Config struct {
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
 	// LostAfter is how long a node must be dead before its attempts are resolved.
 	LostAfter time.Duration
+	// DrainTimeout bounds how long a graceful leave waits for running
+	// tasks (default 10s); tasks still running then are stopped and end as
+	// a lost node's tasks do.
+	DrainTimeout time.Duration
 }
 
 // Agent is one running node.
@@ -168,7 +172,7 @@ func (a *Agent) Start(ctx context.Context) error {
 	node, err := cluster.New(cluster.Config{
 		NodeID: a.cfg.NodeID, DataDir: a.cfg.DataDir, RaftAddr: a.cfg.RaftAddr, GossipAddr: a.cfg.GossipAddr,
 		HTTPAddr: a.cfg.HTTPAddr, Join: a.cfg.Join, Voters: a.cfg.Voters, Key: a.cfg.Key, Token: a.cfg.Token,
-		TLSCert: a.cfg.TLSCert, TLSKey: a.cfg.TLSKey, TLSCA: a.cfg.TLSCA, Log: a.log,
+		TLSCert: a.cfg.TLSCert, TLSKey: a.cfg.TLSKey, TLSCA: a.cfg.TLSCA, Log: a.log, BeforeLeave: a.beforeLeave,
 		HeartbeatTimeout: a.cfg.HeartbeatTimeout, ElectionTimeout: a.cfg.ElectionTimeout, LeaderLeaseTimeout: a.cfg.LeaderLeaseTimeout,
 	}, a.fsm)
 	if err != nil {
@@ -253,6 +257,22 @@ func (a *Agent) nodes() []scheduler.NodeInfo {
 	}
 	return out
 }
+
+// beforeLeave drains the node when it is asked to leave the cluster.
+func (a *Agent) beforeLeave(ctx context.Context) error {
+	d := a.cfg.DrainTimeout
+	if d <= 0 {
+		d = 10 * time.Second
+	}
+	dctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	a.log.Info("leaving: no new tasks; waiting for running ones", "timeout", d)
+	return a.Drain(dctx)
+}
+
+// Left is closed once the node has left the cluster (asyncnode leave);
+// the process should then stop.
+func (a *Agent) Left() <-chan struct{} { return a.node.Left() }
 
 // Drain stops this node from taking new tasks and waits (bounded by ctx)
 // for its running tasks to finish.

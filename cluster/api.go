@@ -259,7 +259,13 @@ func (n *Node) handleJoin(w http.ResponseWriter, r *http.Request) {
 // handleLeave makes the local node leave the cluster gracefully; the
 // process notices through Left() and stops.
 func (n *Node) handleLeave(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	if n.cfg.BeforeLeave != nil {
+		// A client that gives up must not abort the drain half-way.
+		if err := n.cfg.BeforeLeave(context.WithoutCancel(r.Context())); err != nil {
+			n.log.Warn("leave: preparing to leave", "error", err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 30*time.Second)
 	defer cancel()
 	if err := n.Leave(ctx); err != nil {
 		writeError(w, n.errorFor(err))

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -64,6 +65,11 @@ type Config struct {
 	// TLSCert, TLSKey and TLSCA are PEM files. When all are set, the Raft
 	// transport uses mutual TLS and the API serves HTTPS.
 	TLSCert, TLSKey, TLSCA string
+	// BeforeLeave, when set, runs when the API is asked to leave (POST
+	// /v1/leave), before the node leaves Raft and gossip: the embedding
+	// process drains its work there. It bounds its own duration; an error
+	// is logged and the node leaves anyway.
+	BeforeLeave func(ctx context.Context) error
 	// Log receives the node's logs; default: discard.
 	Log hclog.Logger
 

@@ -190,7 +190,7 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	return &agent.Config{NodeID: r.nodeID, DSN: r.dsn, DataDir: r.dataDir, RaftAddr: r.raftAddr,
 		GossipAddr: r.gossipAddr, HTTPAddr: r.httpAddr, Join: r.join, Voters: r.voters, Key: key,
 		Token: r.token, TLSCert: r.tlsCert, TLSKey: r.tlsKey, TLSCA: r.tlsCA, MaxTasks: r.maxTasks,
-		LostAfter: r.lostAfter}, nil
+		LostAfter: r.lostAfter, DrainTimeout: r.shutdown}, nil
 }
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
@@ -216,7 +216,11 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer, env fu
 	if err := a.Start(ctx); err != nil {
 		return err
 	}
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+	case <-a.Left():
+		log.Info("left the cluster; stopping")
+	}
 	log.Info("shutting down: no new tasks; waiting for running ones", "timeout", rf.shutdown)
 	dctx, cancel := context.WithTimeout(context.Background(), rf.shutdown)
 	if err := a.Drain(dctx); err != nil {
@@ -383,12 +387,20 @@ func cmdJoin(ctx context.Context, args []string, stdout, stderr io.Writer, env f
 }
 
 func cmdLeave(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
-	fs := newFlagSet("leave", stdout, "asyncnode leave --http-addr LOCAL: leave the cluster gracefully")
+	fs := newFlagSet("leave", stdout, "asyncnode leave --http-addr LOCAL: leave the cluster gracefully (running tasks finish first, bounded by the node's --shutdown-timeout)")
 	addr, token := apiFlags(fs)
+	timeout := fs.Duration("timeout", 15*time.Minute, "how long to wait for the node to drain and leave")
 	if err := parse(fs, args, env); err != nil {
 		return err
 	}
-	if err := newAPIClient(*addr, *token).do(ctx, http.MethodPost, "/v1/leave", nil, nil); err != nil {
+	if *timeout <= 0 {
+		return usagef("--timeout must be positive, got %s", *timeout)
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	c := newAPIClient(*addr, *token)
+	c.http.Timeout = 0 // bounded by ctx: draining may take a while
+	if err := c.do(ctx, http.MethodPost, "/v1/leave", nil, nil); err != nil {
 		return err
 	}
 	fmt.Fprintln(stdout, "left the cluster")

@@ -1,0 +1,239 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/stretchr/testify/require"
+)
+
+// startCluster starts n nodes: the first bootstraps, the others join it
+// through gossip. It waits until every node is registered and one leads.
+func startCluster(t *testing.T, dsn string, n int, extra ...string) []*node {
+	t.Helper()
+	nodes := make([]*node, n)
+	nodes[0] = newNode(t, dsn, "n1", extra...)
+	nodes[0].start()
+	nodes[0].waitDispatching()
+	for i := 1; i < n; i++ {
+		args := append([]string{"--join", nodes[0].gossip}, extra...)
+		nodes[i] = newNode(t, dsn, fmt.Sprintf("n%d", i+1), args...)
+		nodes[i].start()
+	}
+	waitMembers(t, nodes, n)
+	return nodes
+}
+
+// waitMembers waits until some live node reports want members, all alive,
+// and a leader.
+func waitMembers(t *testing.T, nodes []*node, want int) {
+	t.Helper()
+	var last string
+	ok := assertEventually(func() bool {
+		for _, nd := range nodes {
+			if nd.cmd == nil {
+				continue
+			}
+			rep, err := nd.status()
+			if err != nil {
+				last = err.Error()
+				continue
+			}
+			alive := 0
+			for _, m := range rep.Members {
+				if m.Health == "alive" {
+					alive++
+				}
+			}
+			last = fmt.Sprintf("%s sees %d members, %d alive, leader %q", nd.id, len(rep.Members), alive, rep.Leader)
+			return alive == want && rep.Leader != ""
+		}
+		return false
+	}, 60*time.Second)
+	require.True(t, ok, "cluster never reached %d live members: %s", want, last)
+}
+
+func assertEventually(cond func() bool, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if cond() {
+			return true
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return cond()
+}
+
+// leaderOf returns the node that currently leads and dispatches.
+func leaderOf(t *testing.T, nodes []*node) *node {
+	t.Helper()
+	var found *node
+	ok := assertEventually(func() bool {
+		for _, nd := range nodes {
+			if nd.cmd == nil {
+				continue
+			}
+			if rep, err := nd.status(); err == nil && rep.Scheduler.Dispatching {
+				found = nd
+				return true
+			}
+		}
+		return false
+	}, 60*time.Second)
+	require.True(t, ok, "no node leads and dispatches")
+	return found
+}
+
+// checkLedger verifies every task against the ledger on the target: a
+// FINISHED task ran exactly once to the end; a FAILED one only because its
+// node was lost, and ran at most once; nothing else. It returns the number
+// of tasks per node that ran them.
+func checkLedger(t *testing.T, db *pgxpool.Pool, total int) map[string]int {
+	t.Helper()
+	ctx := context.Background()
+	rows, err := db.Query(ctx, `select t.task_id, t.finish_status::text, coalesce(t.processing_error, ''), coalesce(t.node, ''),
+		(select count(*) from ledger l where l.task_id = t.task_id and l.ended is not null)
+		from async.task t order by t.task_id`)
+	require.NoError(t, err)
+	defer rows.Close()
+	perNode := map[string]int{}
+	n, lost := 0, 0
+	for rows.Next() {
+		var id int64
+		var st, perr, nodeID string
+		var runs int
+		require.NoError(t, rows.Scan(&id, &st, &perr, &nodeID, &runs))
+		n++
+		switch st {
+		case "FINISHED":
+			require.Equal(t, 1, runs, "task %d FINISHED but its ledger shows %d complete runs", id, runs)
+			perNode[nodeID]++
+		case "FAILED":
+			require.True(t, strings.Contains(perr, "was lost"), "task %d failed for another reason: %s", id, perr)
+			require.LessOrEqual(t, runs, 1, "task %d ran %d times", id, runs)
+			lost++
+		default:
+			t.Fatalf("task %d ended %s (%s)", id, st, perr)
+		}
+	}
+	require.NoError(t, rows.Err())
+	require.Equal(t, total, n)
+	t.Logf("%d tasks: finished per node %v, failed as lost %d", n, perNode, lost)
+	return perNode
+}
+
+// TestThreeNodesShareWorkAndSurviveLeaderKill runs a 3-node cluster of the
+// built binary: work is spread over every node, the leader is killed -9
+// twice under load, and afterwards every task ended exactly once (from the
+// target's own ledger) and the pool limit held at every instant.
+func TestThreeNodesShareWorkAndSurviveLeaderKill(t *testing.T) {
+	dsn := newDB(t)
+	initDB(t, dsn)
+	db := pool(t, dsn)
+	ctx := context.Background()
+	createLedger(t, db)
+	const limit = 6
+	_, err := db.Exec(ctx, fmt.Sprintf(`select async.configure('{"targets":[{"target":"SELF","max_concurrency":%d}]}')`, limit))
+	require.NoError(t, err)
+
+	nodes := startCluster(t, dsn, 3, "--lost-after", "2s")
+	const total = 600
+	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task($1, 'SELF'))) from generate_series(1, $2)`, ledgerTask("0.05"), total)
+	require.NoError(t, err)
+
+	for round := 0; round < 2; round++ {
+		var done int
+		require.Eventually(t, func() bool {
+			_ = db.QueryRow(ctx, "select count(*) from async.task where processed is not null").Scan(&done)
+			return done >= (round+1)*150
+		}, 90*time.Second, 20*time.Millisecond)
+		old := leaderOf(t, nodes)
+		old.kill()
+		// Another node takes over and dispatches.
+		next := leaderOf(t, nodes)
+		require.NotEqual(t, old.id, next.id)
+		old.extra = append(old.extra, "--join", next.gossip)
+		old.start()
+		waitMembers(t, nodes, 3)
+	}
+	waitAllDone(t, db, 180*time.Second)
+
+	perNode := checkLedger(t, db, total)
+	ran := 0
+	for _, c := range perNode {
+		if c > 0 {
+			ran++
+		}
+	}
+	require.GreaterOrEqual(t, ran, 2, "work was not spread over the nodes: %v", perNode)
+	over := maxOverlap(t, db)
+	require.LessOrEqual(t, over, limit, "pool limit exceeded on the target")
+	require.Equal(t, limit, over, "pool limit never reached")
+}
+
+// TestFollowerKillAndGracefulLeave kills a follower under load (its tasks
+// are resolved, the rest run elsewhere) and lets another node leave
+// gracefully.
+func TestFollowerKillAndGracefulLeave(t *testing.T) {
+	dsn := newDB(t)
+	initDB(t, dsn)
+	db := pool(t, dsn)
+	ctx := context.Background()
+	createLedger(t, db)
+	const limit = 6
+	_, err := db.Exec(ctx, fmt.Sprintf(`select async.configure('{"targets":[{"target":"SELF","max_concurrency":%d}]}')`, limit))
+	require.NoError(t, err)
+	nodes := startCluster(t, dsn, 3, "--lost-after", "2s")
+	const total = 300
+	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task($1, 'SELF'))) from generate_series(1, $2)`, ledgerTask("0.05"), total)
+	require.NoError(t, err)
+
+	var victim *node
+	leader := leaderOf(t, nodes)
+	for _, nd := range nodes {
+		if nd != leader {
+			victim = nd
+			break
+		}
+	}
+	// Wait until the victim runs something, then kill it.
+	require.Eventually(t, func() bool {
+		var n int
+		_ = db.QueryRow(ctx, "select count(*) from async.task where node = $1 and processed is null and started is not null", victim.id).Scan(&n)
+		return n > 0
+	}, 60*time.Second, 10*time.Millisecond)
+	victim.kill()
+	waitAllDone(t, db, 180*time.Second)
+	checkLedger(t, db, total)
+	require.LessOrEqual(t, maxOverlap(t, db), limit)
+
+	// The killed node comes back (it rejoins with its data dir).
+	victim.extra = append(victim.extra, "--join", leader.gossip)
+	victim.start()
+	waitMembers(t, nodes, 3)
+
+	// The third node leaves gracefully: the command returns, the process
+	// exits, and the others see two members.
+	var leaver *node
+	for _, nd := range nodes {
+		if nd != leader && nd != victim {
+			leaver = nd
+		}
+	}
+	out, errOut, code := runCLI(t, nil, "leave", "--http-addr", leaver.api)
+	require.Equal(t, 0, code, "leave: %s %s", out, errOut)
+	select {
+	case <-leaver.done:
+		leaver.cmd = nil
+	case <-time.After(60 * time.Second):
+		t.Fatalf("%s still runs after leave", leaver.id)
+	}
+	// The remaining leader still dispatches.
+	_, err = db.Exec(ctx, "select async.push_tasks(array[async.task('select 0', 'SELF')])")
+	require.NoError(t, err)
+	waitAllDone(t, db, 60*time.Second)
+}
