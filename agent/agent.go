@@ -44,6 +44,12 @@ type Config struct {
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
 	// LostAfter is how long a node must be dead before its attempts are resolved.
 	LostAfter time.Duration
+	// Lease is how long this node keeps running its tasks without contact
+	// with a Raft leader (default LostAfter/2, at least 1s): past it, it
+	// stops them and records them as lost, so that the leader, which waits
+	// LostAfter before resolving a silent node's tasks, never sees one
+	// attempt running on two nodes.
+	Lease time.Duration
 	// DrainTimeout bounds how long a graceful leave waits for running
 	// tasks (default 10s); tasks still running then are stopped and end as
 	// a lost node's tasks do.
@@ -204,6 +210,7 @@ func (a *Agent) Start(ctx context.Context) error {
 	a.goRun(func() { _ = sched.Run(rctx) })
 	a.goRun(func() { _ = store.Listen(rctx, sched.Notify) })
 	a.goRun(func() { a.register(rctx) })
+	a.goRun(func() { a.watchLease(rctx) })
 	a.log.Info("node started", "incarnation", a.inc, "api", node.APIAddr(), "raft", node.RaftAddr(), "gossip", node.GossipAddr())
 	return nil
 }
@@ -256,6 +263,51 @@ func (a *Agent) nodes() []scheduler.NodeInfo {
 		out = append(out, scheduler.NodeInfo{ID: id, MaxTasks: r.MaxTasks, Alive: alive[id], Draining: r.Draining})
 	}
 	return out
+}
+
+func (a *Agent) lease() time.Duration {
+	if a.cfg.Lease > 0 {
+		return a.cfg.Lease
+	}
+	return max(a.cfg.LostAfter/2, time.Second)
+}
+
+// watchLease gives up this node's attempts once it has been out of contact
+// with any Raft leader for longer than its lease (a partition, or a cluster
+// without quorum): their queries are stopped and their tasks re-queued or
+// failed as D13 says, before the leader may hand them to another node.
+func (a *Agent) watchLease(ctx context.Context) {
+	lease := a.lease()
+	tick := time.NewTicker(min(lease/4, 250*time.Millisecond))
+	defer tick.Stop()
+	var leaderAt time.Time // last time this node itself led
+	expired := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		now := time.Now()
+		if a.node.IsLeader() {
+			leaderAt, expired = now, false
+			continue
+		}
+		contact := a.node.Raft().LastContact()
+		if leaderAt.After(contact) {
+			contact = leaderAt
+		}
+		if contact.IsZero() || now.Sub(contact) <= lease {
+			expired = false
+			continue
+		}
+		reason := fmt.Sprintf("node %s was lost: no contact with the cluster leader for %s, so it stopped the task",
+			a.cfg.NodeID, now.Sub(contact).Round(time.Millisecond))
+		if n := a.exec.Abandon(reason); n > 0 || !expired {
+			a.log.Warn("lease expired: no contact with the leader", "since", contact.Format(time.RFC3339Nano), "lease", lease, "stopped", n)
+		}
+		expired = true
+	}
 }
 
 // beforeLeave drains the node when it is asked to leave the cluster.

@@ -102,6 +102,8 @@ var (
 	errTimedOut = errors.New("task deadline reached")
 	errRevoked  = errors.New("attempt revoked")
 	errShutdown = errors.New("executor shutting down")
+	// errAbandoned: the node gave the attempt up (see Abandon).
+	errAbandoned = errors.New("attempt abandoned")
 )
 
 // phase is where an attempt is on this node.
@@ -119,6 +121,7 @@ type attempt struct {
 	work    Work
 	phase   phase
 	revoked bool
+	abandon string                  // non-empty: given up with this reason (Abandon)
 	cancel  context.CancelCauseFunc // set while running
 }
 
@@ -295,6 +298,58 @@ func (e *Executor) Revoke(refs []pgstore.Ref) {
 	if len(refs) > 0 {
 		e.log.Debug("revoked attempts", "count", len(refs))
 	}
+}
+
+// Abandon gives up every attempt held here whose outcome is not known yet:
+// queued ones are not started, running ones have their query cancelled
+// (escalating like a timeout). Each then gets a LOST outcome carrying
+// reason, written fenced like any outcome: the task is re-queued if it
+// allows a retry and fails with reason otherwise (D13), and its slot is
+// reported Done. A node cut off from the leader calls it when its lease
+// runs out, so that an attempt the leader may hand to another node stops
+// here first. It returns the number of attempts given up and never blocks.
+func (e *Executor) Abandon(reason string) int {
+	e.mu.Lock()
+	n := 0
+	for ref, a := range e.attempts {
+		if a.revoked || a.abandon != "" {
+			continue
+		}
+		switch a.phase {
+		case phaseQueued:
+			a.abandon = reason
+			e.addOutcomeLocked(a, lostOutcome(ref, reason, e.cfg.Now()))
+		case phaseStarting:
+			a.abandon = reason // handled when StartTasks returns
+		case phaseRunning:
+			a.abandon = reason
+			a.cancel(errAbandoned)
+		default:
+			continue
+		}
+		n++
+	}
+	e.mu.Unlock()
+	if n > 0 {
+		signal(e.finishWake)
+		e.log.Warn("gave up the attempts held here", "count", n, "reason", reason)
+	}
+	return n
+}
+
+func lostOutcome(ref pgstore.Ref, reason string, at time.Time) pgstore.Outcome {
+	return pgstore.Outcome{Ref: ref, Status: pgstore.StatusLost, Error: &reason, At: at}
+}
+
+// addOutcomeLocked queues an outcome for FinishTasks; e.mu is held. It
+// reports whether the finish loop should be woken now.
+func (e *Executor) addOutcomeLocked(a *attempt, o pgstore.Outcome) bool {
+	a.phase = phaseFinishing
+	if len(e.outcomes) == 0 {
+		e.outSince = time.Now()
+	}
+	e.outcomes = append(e.outcomes, o)
+	return len(e.outcomes) == 1 || len(e.outcomes) >= e.cfg.BatchSize
 }
 
 // Running returns the attempts held here: queued, running, or whose outcome
@@ -475,6 +530,7 @@ func (e *Executor) launch(batch []Work, started []pgstore.StartedTask) {
 		byRef[pgstore.Ref{TaskID: st.TaskID, Attempt: st.Attempt}] = st
 	}
 	fenced := 0
+	wakeFinish := false
 	e.mu.Lock()
 	for _, w := range batch {
 		a := e.attempts[w.Ref]
@@ -485,6 +541,12 @@ func (e *Executor) launch(batch []Work, started []pgstore.StartedTask) {
 			}
 			a.phase = phaseReporting
 			e.dones = append(e.dones, Done{Ref: w.Ref})
+			continue
+		}
+		if a.abandon != "" {
+			if e.addOutcomeLocked(a, lostOutcome(w.Ref, a.abandon, e.cfg.Now())) {
+				wakeFinish = true
+			}
 			continue
 		}
 		deadline := w.Deadline
@@ -504,6 +566,9 @@ func (e *Executor) launch(batch []Work, started []pgstore.StartedTask) {
 	}
 	if report {
 		signal(e.reportWake)
+	}
+	if wakeFinish {
+		signal(e.finishWake)
 	}
 }
 
@@ -533,15 +598,15 @@ func (e *Executor) complete(ref pgstore.Ref, out *pgstore.Outcome, stop error) {
 		a.phase = phaseReporting
 		e.dones = append(e.dones, Done{Ref: ref})
 		wake = e.reportWake
+	case out == nil && a.abandon != "" && errors.Is(stop, errAbandoned):
+		if e.addOutcomeLocked(a, lostOutcome(ref, a.abandon, e.cfg.Now())) {
+			wake = e.finishWake
+		}
 	case out == nil:
 		// Shutdown: no outcome; the leader resolves the attempt.
 	default:
-		a.phase = phaseFinishing
-		if len(e.outcomes) == 0 {
-			e.outSince = time.Now()
-		}
-		e.outcomes = append(e.outcomes, *out)
-		if len(e.outcomes) == 1 || len(e.outcomes) >= e.cfg.BatchSize {
+		// An outcome that arrived while abandoning is the truth: keep it.
+		if e.addOutcomeLocked(a, *out) {
 			wake = e.finishWake
 		}
 	}

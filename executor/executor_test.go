@@ -660,6 +660,43 @@ func TestRevokeQueuedAndStarting(t *testing.T) {
 	}
 }
 
+// Abandon (lease lost) stops running and queued attempts and writes a LOST
+// outcome with the reason for each; the query really stops on the target.
+func TestAbandonStopsAndReportsLost(t *testing.T) {
+	h := newHarness(t, nil)
+	sqlExec(t, h.dsn, `CREATE TABLE t(a bigint)`)
+	running := h.submit(task{query: `select pg_sleep(30) /* abandon-marker */`})[0]
+	var pid int64
+	require.Eventually(t, func() bool { pid = activeBackend(t, h, "abandon-marker"); return pid != 0 },
+		10*time.Second, 10*time.Millisecond)
+	gate := make(chan struct{})
+	h.store.mu.Lock()
+	h.store.startGate = gate
+	h.store.mu.Unlock()
+	starting := h.submit(task{query: `insert into t values (##flow.TASK_ID##)`})[0]
+	require.Eventually(t, func() bool {
+		h.ex.mu.Lock()
+		defer h.ex.mu.Unlock()
+		return h.ex.attempts[starting].phase == phaseStarting
+	}, 5*time.Second, time.Millisecond)
+	queued := h.submit(task{query: `insert into t values (##flow.TASK_ID##)`})[0]
+
+	const reason = "node n1 lost contact with the leader"
+	require.Equal(t, 3, h.ex.Abandon(reason))
+	require.Equal(t, 0, h.ex.Abandon(reason), "already given up")
+	close(gate)
+	for _, ref := range []pgstore.Ref{running, starting, queued} {
+		d, o, wrote := h.waitDone(ref, 10*time.Second)
+		require.True(t, wrote, "attempt %v writes its LOST outcome", ref)
+		require.Equal(t, pgstore.StatusLost, o.Status)
+		require.Equal(t, reason, *o.Error)
+		require.Equal(t, Done{Ref: ref}, d)
+	}
+	require.Eventually(t, backendGone(t, h, pid), 5*time.Second, 20*time.Millisecond)
+	require.Equal(t, int64(0), sqlInt(t, h.dsn, `select count(*) from t`), "abandoned attempts must not run")
+	require.Eventually(t, func() bool { return len(h.ex.Running()) == 0 }, 5*time.Second, 10*time.Millisecond)
+}
+
 func TestFencedOutRefsAreReportedWithoutRunning(t *testing.T) {
 	h := newHarness(t, nil)
 	sqlExec(t, h.dsn, `CREATE TABLE t(a bigint)`)

@@ -55,7 +55,7 @@ func stopCause(ctx context.Context) error {
 }
 
 // run runs one started task. It returns its outcome, or nil and the reason
-// (errRevoked, errShutdown) when the attempt ends without one.
+// (errRevoked, errShutdown, errAbandoned) when the attempt ends without one.
 func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Outcome, error) {
 	log := e.log.With("task_id", st.TaskID, "attempt", st.Attempt, "target", st.Target)
 	ref := pgstore.Ref{TaskID: st.TaskID, Attempt: st.Attempt}
@@ -68,7 +68,7 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Ou
 	}
 	ended := func() (*pgstore.Outcome, error) {
 		switch c := stopCause(ctx); c {
-		case errRevoked, errShutdown:
+		case errRevoked, errShutdown, errAbandoned:
 			log.Debug("attempt stopped", "reason", c)
 			return nil, c
 		default:
@@ -99,7 +99,7 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Ou
 		if execErr == nil {
 			if pc.TxStatus() != 'I' {
 				e.destroy(ctx, conn, true)
-				if c := stopCause(ctx); c == errRevoked || c == errShutdown {
+				if c := stopCause(ctx); c == errRevoked || c == errShutdown || c == errAbandoned {
 					return nil, c
 				}
 				log.Warn("task failed", "error", OpenTransactionError)

@@ -684,3 +684,60 @@ func claimSQL(t *testing.T) string {
 	require.NoError(t, err)
 	return strings.TrimSpace(string(b))
 }
+
+// A node that gives up attempts it had to stop (StatusLost) re-queues the
+// ones that allow a retry and fails the others with its error (D13); the
+// write is fenced like any outcome.
+func TestFinishLostOutcome(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"targets": [{"target": "SELF", "max_concurrency": 10}, {"target": "retry", "max_retries": 1}]}')`)
+	takeLead(t, s, 1)
+	noRetry := push(t, c, "SELF", 1, "a")[0]
+	retry := push(t, c, "retry", 1, "b")[0]
+	cl := claim(t, s, 1, 10, nil)
+	require.Len(t, cl, 2)
+	byID := map[int64]pgstore.Claimed{}
+	for _, x := range cl {
+		byID[x.TaskID] = x
+		st, err := s.StartTasks(ctx, x.Node, refs(ref(x)))
+		require.NoError(t, err)
+		require.Len(t, st, 1)
+	}
+	msg := "node n0 lost contact with the leader"
+	out := func(id int64, node string) []pgstore.Finished {
+		f, err := s.FinishTasks(ctx, node, []pgstore.Outcome{{Ref: ref(byID[id]), Status: pgstore.StatusLost, Error: &msg, At: time.Now()}})
+		require.NoError(t, err)
+		return f
+	}
+	require.False(t, out(noRetry, "elsewhere")[0].Applied, "fenced by node")
+	require.Equal(t, "RUNNING", getTask(t, c, noRetry).State)
+
+	require.Equal(t, pgstore.Finished{Ref: ref(byID[noRetry]), Applied: true}, out(noRetry, byID[noRetry].Node)[0])
+	g := getTask(t, c, noRetry)
+	require.Equal(t, "FAILED", g.Status)
+	require.Equal(t, msg, g.Error)
+	require.True(t, *g.Failed)
+
+	require.Equal(t, pgstore.Finished{Ref: ref(byID[retry]), Applied: true}, out(retry, byID[retry].Node)[0])
+	g = getTask(t, c, retry)
+	require.Equal(t, "READY", g.State)
+	require.False(t, g.Consumed)
+	var retries int
+	var node *string
+	require.NoError(t, c.QueryRow(ctx, `SELECT retries, node FROM async.task WHERE task_id = $1`, retry).Scan(&retries, &node))
+	require.Equal(t, 1, retries)
+	require.Nil(t, node)
+	// The re-queued task is claimed again with a new attempt; the retry is
+	// used up, so losing it again fails it.
+	again := claim(t, s, 1, 10, nil)
+	require.Len(t, again, 1)
+	require.Equal(t, retry, again[0].TaskID)
+	require.Greater(t, again[0].Attempt, byID[retry].Attempt)
+	byID[retry] = again[0]
+	_, err := s.StartTasks(ctx, again[0].Node, refs(ref(again[0])))
+	require.NoError(t, err)
+	require.True(t, out(retry, again[0].Node)[0].Applied)
+	require.Equal(t, "FAILED", getTask(t, c, retry).Status)
+}

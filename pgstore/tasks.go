@@ -129,7 +129,7 @@ func (s *Store) FinishTasks(ctx context.Context, node string, outs []Outcome) ([
 	idx := make([]int, 0, len(outs))
 	for i, o := range outs {
 		switch o.Status {
-		case StatusFinished, StatusFailed, StatusTimedOut, StatusCanceled, StatusYielded:
+		case StatusFinished, StatusFailed, StatusTimedOut, StatusCanceled, StatusYielded, StatusLost:
 		default:
 			return nil, fmt.Errorf("pgstore: finish tasks: task %d attempt %d: invalid status %q", o.TaskID, o.Attempt, o.Status)
 		}

@@ -119,6 +119,10 @@ const (
 	StatusTimedOut Status = "TIMED_OUT"
 	StatusCanceled Status = "CANCELED"
 	StatusYielded  Status = "YIELDED"
+	// StatusLost is never stored: a node gives up an attempt it had to stop
+	// (cut off from the leader). The task is re-queued if it allows another
+	// retry (max_retries), else it ends FAILED with the outcome's Error (D13).
+	StatusLost Status = "LOST"
 )
 
 // Outcome is the result of one attempt.

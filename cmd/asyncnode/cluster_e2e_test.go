@@ -140,7 +140,7 @@ func TestThreeNodesShareWorkAndSurviveLeaderKill(t *testing.T) {
 	_, err := db.Exec(ctx, fmt.Sprintf(`select async.configure('{"targets":[{"target":"SELF","max_concurrency":%d}]}')`, limit))
 	require.NoError(t, err)
 
-	nodes := startCluster(t, dsn, 3, "--lost-after", "2s")
+	nodes := startCluster(t, dsn, 3, "--lost-after", "6s")
 	const total = 600
 	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task($1, 'SELF'))) from generate_series(1, $2)`, ledgerTask("0.05"), total)
 	require.NoError(t, err)
@@ -187,7 +187,7 @@ func TestFollowerKillAndGracefulLeave(t *testing.T) {
 	const limit = 6
 	_, err := db.Exec(ctx, fmt.Sprintf(`select async.configure('{"targets":[{"target":"SELF","max_concurrency":%d}]}')`, limit))
 	require.NoError(t, err)
-	nodes := startCluster(t, dsn, 3, "--lost-after", "2s")
+	nodes := startCluster(t, dsn, 3, "--lost-after", "6s")
 	const total = 300
 	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task($1, 'SELF'))) from generate_series(1, $2)`, ledgerTask("0.05"), total)
 	require.NoError(t, err)

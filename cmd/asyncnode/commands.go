@@ -108,7 +108,7 @@ type runFlags struct {
 	join                                                 listFlag
 	voters, maxTasks                                     int
 	gossipKey, token, tlsCert, tlsKey, tlsCA             string
-	lostAfter, shutdown                                  time.Duration
+	lostAfter, lease, shutdown                           time.Duration
 	log                                                  logFlags
 }
 
@@ -128,6 +128,7 @@ func (r *runFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&r.tlsKey, "tls-key", "", "TLS key")
 	fs.StringVar(&r.tlsCA, "tls-ca", "", "TLS CA bundle that peers' certificates must chain to")
 	fs.DurationVar(&r.lostAfter, "lost-after", 10*time.Second, "how long a node must be unreachable before its tasks are resolved as lost")
+	fs.DurationVar(&r.lease, "lease", 0, "how long this node keeps running tasks without contact with the leader (0: half of --lost-after, at least 1s)")
 	fs.DurationVar(&r.shutdown, "shutdown-timeout", 10*time.Second, "on SIGTERM, how long running tasks may finish before they are stopped")
 	r.log.register(fs)
 }
@@ -161,6 +162,12 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	if err := positive("lost-after", r.lostAfter); err != nil {
 		return nil, err
 	}
+	if r.lease < 0 {
+		return nil, usagef("--lease must not be negative, got %s", r.lease)
+	}
+	if r.lease >= r.lostAfter {
+		return nil, usagef("--lease (%s) must be shorter than --lost-after (%s), or tasks could run on two nodes at once", r.lease, r.lostAfter)
+	}
 	if err := positive("shutdown-timeout", r.shutdown); err != nil {
 		return nil, err
 	}
@@ -190,7 +197,7 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	return &agent.Config{NodeID: r.nodeID, DSN: r.dsn, DataDir: r.dataDir, RaftAddr: r.raftAddr,
 		GossipAddr: r.gossipAddr, HTTPAddr: r.httpAddr, Join: r.join, Voters: r.voters, Key: key,
 		Token: r.token, TLSCert: r.tlsCert, TLSKey: r.tlsKey, TLSCA: r.tlsCA, MaxTasks: r.maxTasks,
-		LostAfter: r.lostAfter, DrainTimeout: r.shutdown}, nil
+		LostAfter: r.lostAfter, Lease: r.lease, DrainTimeout: r.shutdown}, nil
 }
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
