@@ -22,6 +22,9 @@ test: ## all tests (real PostgreSQL, real Raft), with the race detector
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || (echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1)
 	$(GO) test -race -timeout 40m ./...
 
+failover: ## failover figures: kill -9 the leader of a 3-node cluster 10 times under load (no -race)
+	ASYNCNODE_FAILOVER_ROUNDS=$${ROUNDS:-10} $(GO) test -count=1 -v -timeout 30m -run TestFailoverFigures ./cmd/asyncnode/ | grep -E '^(failover|---|ok|FAIL)'
+
 lint: ## gofmt + go vet
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || (gofmt -l $$(git ls-files '*.go'); exit 1)
 	$(GO) vet ./...
@@ -29,4 +32,4 @@ lint: ## gofmt + go vet
 clean: ## remove build output
 	rm -rf bin
 
-.PHONY: help build demo demo3 test lint clean
+.PHONY: help build demo demo3 test failover lint clean

@@ -152,6 +152,14 @@ func createLedger(t *testing.T, db *pgxpool.Pool) {
 
 // maxOverlap computes the most runs of the ledger that overlapped in time.
 func maxOverlap(t *testing.T, db *pgxpool.Pool) int {
+	best, _ := overlap(t, db, 0)
+	return best
+}
+
+// overlap replays the ledger's start/end events: it returns the most runs
+// at once and how many starts took the count above limit.
+func overlap(t *testing.T, db *pgxpool.Pool, limit int) (best, over int) {
+	t.Helper()
 	rows, err := db.Query(context.Background(), "select started, coalesce(ended, started) from ledger")
 	require.NoError(t, err)
 	type ev struct {
@@ -171,14 +179,15 @@ func maxOverlap(t *testing.T, db *pgxpool.Pool) int {
 		}
 		return evs[i].delta < evs[j].delta
 	})
-	cur, best := 0, 0
+	cur := 0
 	for _, e := range evs {
 		cur += e.delta
-		if cur > best {
-			best = cur
+		best = max(best, cur)
+		if e.delta > 0 && cur > limit {
+			over++
 		}
 	}
-	return best
+	return best, over
 }
 
 func TestKill9AndRestartLosesNothing(t *testing.T) {

@@ -51,7 +51,8 @@ func testMain(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	testBin = filepath.Join(dir, "asyncnode")
-	out, err := exec.Command("go", "build", "-race", "-o", testBin, ".").CombinedOutput()
+	args := append(append([]string{"build"}, buildFlags...), "-o", testBin, ".")
+	out, err := exec.Command("go", args...).CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "FAIL: go build: %v\n%s", err, out)
 		return 1
