@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -236,4 +237,95 @@ func TestFollowerKillAndGracefulLeave(t *testing.T) {
 	_, err = db.Exec(ctx, "select async.push_tasks(array[async.task('select 0', 'SELF')])")
 	require.NoError(t, err)
 	waitAllDone(t, db, 60*time.Second)
+}
+
+// signal sends sig to the node's process.
+func (n *node) signal(sig syscall.Signal) {
+	n.t.Helper()
+	require.NotNil(n.t, n.cmd, "%s is not running", n.id)
+	require.NoError(n.t, n.cmd.Process.Signal(sig))
+}
+
+// TestLeaseStopsTasksWithoutQuorum freezes both followers (SIGSTOP): the
+// leader loses its quorum, and once its lease runs out it stops its running
+// queries on the target and records them lost: re-queued, since they allow
+// a retry. When the followers resume, the cluster runs them again.
+func TestLeaseStopsTasksWithoutQuorum(t *testing.T) {
+	dsn := newDB(t)
+	initDB(t, dsn)
+	db := pool(t, dsn)
+	ctx := context.Background()
+	_, err := db.Exec(ctx, `create table runs(task_id bigint, n int)`)
+	require.NoError(t, err)
+	_, err = db.Exec(ctx, `select async.configure($1::jsonb)`, fmt.Sprintf(
+		`{"targets":[{"target":"again","connection_string":%q,"max_concurrency":9,"max_retries":1}]}`, dsn))
+	require.NoError(t, err)
+	nodes := startCluster(t, dsn, 3, "--lost-after", "4s", "--lease", "2s")
+	leader := leaderOf(t, nodes)
+
+	// The first run of each task sleeps long; the re-run is quick. Runs are
+	// counted outside the task's transaction by a second statement that
+	// commits on its own (the task is one transaction, so count first).
+	_, err = db.Exec(ctx, `create function run_once(id bigint) returns void language plpgsql as $$
+	begin
+	  if exists (select 1 from runs where task_id = id) then return; end if;
+	  perform pg_sleep(60);
+	end $$`)
+	require.NoError(t, err)
+	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select run_once(##flow.TASK_ID##)', 'again'))) from generate_series(1, 9)`)
+	require.NoError(t, err)
+	// Wait until all nine run (in pg_sleep), then mark the leader's so that
+	// their re-run is quick.
+	require.Eventually(t, func() bool {
+		var active int
+		_ = db.QueryRow(ctx, `select count(*) from pg_stat_activity where application_name like 'asyncnode/%' and query like 'select run_once%'`).Scan(&active)
+		return active == 9
+	}, 60*time.Second, 20*time.Millisecond, "the nine tasks never ran at once")
+	tag, err := db.Exec(ctx, `insert into runs select task_id, 1 from async.task where node = $1 and processed is null`, leader.id)
+	require.NoError(t, err)
+	onLeader := int(tag.RowsAffected())
+	require.Positive(t, onLeader, "the leader runs none of the tasks")
+
+	followers := nodesExcept(nodes, leader)
+	for _, f := range followers {
+		f.signal(syscall.SIGSTOP)
+	}
+	t.Cleanup(func() {
+		for _, f := range followers {
+			if f.cmd != nil {
+				_ = f.cmd.Process.Signal(syscall.SIGCONT)
+			}
+		}
+	})
+	frozeAt := time.Now()
+	// The leader's queries stop on the target and its tasks are re-queued.
+	require.Eventually(t, func() bool {
+		var active, requeued int
+		_ = db.QueryRow(ctx, `select count(*) from pg_stat_activity where application_name like $1 and query like 'select run_once%'`,
+			"asyncnode/"+leader.id+"/%").Scan(&active)
+		_ = db.QueryRow(ctx, `select count(*) from async.task t join runs r using (task_id) where t.consumed is null and t.retries = 1`).Scan(&requeued)
+		return active == 0 && requeued == onLeader
+	}, 30*time.Second, 50*time.Millisecond, "the cut-off leader did not give up its %d tasks", onLeader)
+	stoppedAfter := time.Since(frozeAt)
+	t.Logf("the leader without quorum stopped its %d tasks %s after the followers froze", onLeader, stoppedAfter.Round(time.Millisecond))
+	require.GreaterOrEqual(t, stoppedAfter, 2*time.Second, "tasks stopped before the lease ran out")
+
+	for _, f := range followers {
+		f.signal(syscall.SIGCONT)
+	}
+	// The followers' own tasks were out of contact too; the leader's re-queued
+	// ones run again quickly. Everything ends; nothing fails for other reasons.
+	_, err = db.Exec(ctx, `insert into runs select task_id, 1 from async.task where processed is null on conflict do nothing`)
+	require.NoError(t, err)
+	waitAllDone(t, db, 120*time.Second)
+	rows, err := db.Query(ctx, `select task_id, finish_status::text, coalesce(processing_error, '') from async.task`)
+	require.NoError(t, err)
+	defer rows.Close()
+	for rows.Next() {
+		var id int64
+		var st, perr string
+		require.NoError(t, rows.Scan(&id, &st, &perr))
+		require.True(t, st == "FINISHED" || strings.Contains(perr, "was lost"), "task %d: %s %s", id, st, perr)
+	}
+	require.NoError(t, rows.Err())
 }
