@@ -212,9 +212,12 @@ func TestFollowerKillAndGracefulLeave(t *testing.T) {
 	checkLedger(t, db, total)
 	require.LessOrEqual(t, maxOverlap(t, db), limit)
 
-	// The killed node comes back (it rejoins with its data dir).
-	victim.extra = append(victim.extra, "--join", leader.gossip)
+	// The killed node comes back from its data dir, and is asked to rejoin
+	// gossip with `asyncnode join`.
 	victim.start()
+	require.Eventually(t, func() bool { _, err := victim.status(); return err == nil }, 30*time.Second, 50*time.Millisecond)
+	out, errOut, code := runCLI(t, nil, "join", "--http-addr", victim.api, leader.gossip)
+	require.Equal(t, 0, code, "join: %s %s", out, errOut)
 	waitMembers(t, nodes, 3)
 
 	// The third node leaves gracefully: the command returns, the process
@@ -225,7 +228,7 @@ func TestFollowerKillAndGracefulLeave(t *testing.T) {
 			leaver = nd
 		}
 	}
-	out, errOut, code := runCLI(t, nil, "leave", "--http-addr", leaver.api)
+	out, errOut, code = runCLI(t, nil, "leave", "--http-addr", leaver.api)
 	require.Equal(t, 0, code, "leave: %s %s", out, errOut)
 	select {
 	case <-leaver.done:
@@ -328,4 +331,45 @@ func TestLeaseStopsTasksWithoutQuorum(t *testing.T) {
 		require.True(t, st == "FINISHED" || strings.Contains(perr, "was lost"), "task %d: %s %s", id, st, perr)
 	}
 	require.NoError(t, rows.Err())
+}
+
+// TestNonVoterRunsTasks starts four nodes with three voters: the node that
+// joins last becomes a non-voter, shows as such in status, and runs tasks.
+func TestNonVoterRunsTasks(t *testing.T) {
+	dsn := newDB(t)
+	initDB(t, dsn)
+	db := pool(t, dsn)
+	ctx := context.Background()
+	_, err := db.Exec(ctx, `select async.configure('{"targets":[{"target":"SELF","max_concurrency":8}]}')`)
+	require.NoError(t, err)
+	nodes := startCluster(t, dsn, 4, "--voters", "3")
+	// Three voters (the first to join) and one non-voter.
+	var nonvoter string
+	var roles map[string]string
+	require.Eventually(t, func() bool {
+		rep, err := nodes[3].status()
+		if err != nil {
+			return false
+		}
+		roles = map[string]string{}
+		count := map[string]int{}
+		for _, m := range rep.Members {
+			roles[m.ID] = string(m.Role)
+			count[string(m.Role)]++
+			if m.Role == "nonvoter" {
+				nonvoter = m.ID
+			}
+		}
+		return count["leader"] == 1 && count["voter"] == 2 && count["nonvoter"] == 1
+	}, 30*time.Second, 50*time.Millisecond, "roles: %v", roles)
+	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select pg_sleep(0.05)', 'SELF'))) from generate_series(1, 200)`)
+	require.NoError(t, err)
+	waitAllDone(t, db, 120*time.Second)
+	var onNV, finished int
+	require.NoError(t, db.QueryRow(ctx, `select count(*) filter (where node = $1), count(*) filter (where finish_status = 'FINISHED') from async.task`, nonvoter).Scan(&onNV, &finished))
+	require.Equal(t, 200, finished)
+	require.Positive(t, onNV, "the non-voter %s ran no task", nonvoter)
+	out, _, code := runCLI(t, nil, "status", "--http-addr", nodes[0].api)
+	require.Equal(t, 0, code)
+	require.Regexp(t, `(?m)^`+nonvoter+`\s+nonvoter\s+alive`, out)
 }
