@@ -50,6 +50,8 @@ type Config struct {
 	// LostAfter before resolving a silent node's tasks, never sees one
 	// attempt running on two nodes.
 	Lease time.Duration
+	// Pprof serves Go profiles under /debug/pprof/ on the node API.
+	Pprof bool
 	// DrainTimeout bounds how long a graceful leave waits for running
 	// tasks (default 10s); tasks still running then are stopped and end as
 	// a lost node's tasks do.

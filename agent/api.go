@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"net/http/pprof"
 	"sort"
 	"time"
 
@@ -49,6 +50,14 @@ type LimitStatus struct {
 }
 
 func (a *Agent) registerAPI() {
+	if a.cfg.Pprof {
+		// Profiles of a live node (behind the API token when one is set).
+		a.node.Handle("/debug/pprof/", http.HandlerFunc(pprof.Index))
+		a.node.Handle("/debug/pprof/cmdline", http.HandlerFunc(pprof.Cmdline))
+		a.node.Handle("/debug/pprof/profile", http.HandlerFunc(pprof.Profile))
+		a.node.Handle("/debug/pprof/symbol", http.HandlerFunc(pprof.Symbol))
+		a.node.Handle("/debug/pprof/trace", http.HandlerFunc(pprof.Trace))
+	}
 	a.node.Handle("/v1/status", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 		defer cancel()

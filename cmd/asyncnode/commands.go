@@ -109,6 +109,7 @@ type runFlags struct {
 	voters, maxTasks                                     int
 	gossipKey, token, tlsCert, tlsKey, tlsCA             string
 	lostAfter, lease, shutdown                           time.Duration
+	pprof                                                bool
 	log                                                  logFlags
 }
 
@@ -129,6 +130,7 @@ func (r *runFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&r.tlsCA, "tls-ca", "", "TLS CA bundle that peers' certificates must chain to")
 	fs.DurationVar(&r.lostAfter, "lost-after", 10*time.Second, "how long a node must be unreachable before its tasks are resolved as lost")
 	fs.DurationVar(&r.lease, "lease", 0, "how long this node keeps running tasks without contact with the leader (0: half of --lost-after, at least 1s)")
+	fs.BoolVar(&r.pprof, "pprof", false, "serve Go profiles under /debug/pprof/ on the node API")
 	fs.DurationVar(&r.shutdown, "shutdown-timeout", 10*time.Second, "on SIGTERM, how long running tasks may finish before they are stopped")
 	r.log.register(fs)
 }
@@ -197,7 +199,7 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	return &agent.Config{NodeID: r.nodeID, DSN: r.dsn, DataDir: r.dataDir, RaftAddr: r.raftAddr,
 		GossipAddr: r.gossipAddr, HTTPAddr: r.httpAddr, Join: r.join, Voters: r.voters, Key: key,
 		Token: r.token, TLSCert: r.tlsCert, TLSKey: r.tlsKey, TLSCA: r.tlsCA, MaxTasks: r.maxTasks,
-		LostAfter: r.lostAfter, Lease: r.lease, DrainTimeout: r.shutdown}, nil
+		LostAfter: r.lostAfter, Lease: r.lease, DrainTimeout: r.shutdown, Pprof: r.pprof}, nil
 }
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
