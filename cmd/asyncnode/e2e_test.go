@@ -27,6 +27,8 @@ func TestBadFlagsExitTwoWithOneLine(t *testing.T) {
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--gossip-key", "!!"}, "--gossip-key"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--tls-cert", "c"}, "--tls-cert"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "-1s"}, "--lost-after"},
+		{[]string{"bench", "--tasks", "0"}, "--tasks"},
+		{[]string{"bench", "--profile-seconds", "5"}, "--profile-seconds"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "2s", "--lease", "3s"}, "--lease"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--log-level", "loud"}, "--log-level"},
 		{[]string{"run", "--bogus"}, "bogus"},

@@ -22,6 +22,7 @@ Usage:
   asyncnode join   --http-addr H:P ADDR...   ask a running node to join the members at gossip ADDR
   asyncnode leave  --http-addr H:P           leave the cluster gracefully
   asyncnode dev    [--nodes N]               throwaway PostgreSQL + a local cluster, for trying it out
+  asyncnode bench  [--nodes N] [--tasks K]   measure throughput and latency against the machine's own limit
   asyncnode version
 
 Every flag can also be set with an ASYNCNODE_* environment variable
@@ -53,6 +54,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, env func(
 		"join":   cmdJoin,
 		"leave":  cmdLeave,
 		"dev":    cmdDev,
+		"bench":  cmdBench,
 	}
 	name := args[0]
 	switch name {

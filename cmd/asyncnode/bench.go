@@ -1,0 +1,548 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/asyncnode/asyncnode/internal/pglocal"
+	"github.com/asyncnode/asyncnode/pgstore"
+)
+
+// benchFlags configures `asyncnode bench`.
+type benchFlags struct {
+	dsn            string
+	nodes          int
+	tasks          int
+	clients        int
+	push           time.Duration
+	samples        int
+	history        int
+	scaleOut       bool
+	sleepTasks     int
+	perNode        int
+	logLevel       string
+	profileSeconds int
+	profileDir     string
+}
+
+// bench is one benchmark run: a server database, a node cluster, figures.
+type bench struct {
+	f      benchFlags
+	out    io.Writer
+	db     *pgxpool.Pool
+	dsn    string
+	dir    string
+	lc     *localCluster
+	nodes  int
+	lines  []string
+	figure map[string]float64
+}
+
+// cmdBench measures throughput, latency and the machine's own limit on the
+// same PostgreSQL, and prints one line per figure and a summary line.
+func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
+	fs := newFlagSet("bench", stdout, "asyncnode bench: measure throughput and latency against the machine's own limit")
+	var f benchFlags
+	fs.StringVar(&f.dsn, "dsn", "", "server database to use (must have no tasks; default: a throwaway PostgreSQL)")
+	fs.IntVar(&f.nodes, "nodes", 1, "nodes for the throughput and latency figures (1 or more; 3 adds a second round on 3 nodes when 1 is given with --scale-out)")
+	fs.IntVar(&f.tasks, "tasks", 20000, "trivial tasks pushed in one statement for the throughput figure")
+	fs.IntVar(&f.clients, "clients", 4, "connections for the continuous push and the round-trip limit")
+	fs.DurationVar(&f.push, "push-for", 5*time.Second, "how long the clients push continuously")
+	fs.IntVar(&f.samples, "samples", 200, "single tasks pushed one at a time for the latency figures")
+	fs.IntVar(&f.history, "history", 0, "finished tasks to add to the history before measuring again (e.g. 1000000)")
+	fs.BoolVar(&f.scaleOut, "scale-out", false, "also measure 1 node vs 3 nodes on pg_sleep(0.05) tasks with --per-node slots each")
+	fs.IntVar(&f.sleepTasks, "sleep-tasks", 600, "pg_sleep(0.05) tasks for the scale-out figure")
+	fs.IntVar(&f.perNode, "per-node", 8, "tasks each node runs at once in the scale-out figure (--max-tasks)")
+	fs.IntVar(&f.profileSeconds, "profile-seconds", 0, "with --profile-dir: CPU-profile every node for this long during the throughput figure")
+	fs.StringVar(&f.profileDir, "profile-dir", "", "where to write CPU profiles (node<N>.cpu.prof)")
+	fs.StringVar(&f.logLevel, "log-level", "warn", "node log level (logs go to files)")
+	if err := parse(fs, args, env); err != nil {
+		return err
+	}
+	switch {
+	case f.nodes < 1 || f.nodes > 9:
+		return usagef("--nodes must be between 1 and 9, got %d", f.nodes)
+	case f.tasks < 1:
+		return usagef("--tasks must be positive, got %d", f.tasks)
+	case f.clients < 1:
+		return usagef("--clients must be positive, got %d", f.clients)
+	case f.samples < 1:
+		return usagef("--samples must be positive, got %d", f.samples)
+	case f.history < 0:
+		return usagef("--history must not be negative, got %d", f.history)
+	case f.perNode < 1:
+		return usagef("--per-node must be positive, got %d", f.perNode)
+	case f.sleepTasks < 1:
+		return usagef("--sleep-tasks must be positive, got %d", f.sleepTasks)
+	case f.profileSeconds < 0 || (f.profileSeconds > 0 && f.profileDir == ""):
+		return usagef("--profile-seconds needs --profile-dir and must not be negative")
+	}
+	if err := positive("push-for", f.push); err != nil {
+		return err
+	}
+	b := &bench{f: f, out: stdout, figure: map[string]float64{}}
+	return b.run(ctx, stderr)
+}
+
+func (b *bench) run(ctx context.Context, stderr io.Writer) error {
+	lf := logFlags{level: "warn"}
+	log, err := lf.logger(stderr)
+	if err != nil {
+		return err
+	}
+	b.dsn = b.f.dsn
+	if b.dsn == "" {
+		fmt.Fprintln(b.out, "bench: starting a throwaway PostgreSQL ...")
+		pg, err := pglocal.Start(ctx, pglocal.Options{})
+		if err != nil {
+			return err
+		}
+		defer pg.Stop()
+		if err := pg.CreateDatabase(ctx, "bench", ""); err != nil {
+			return err
+		}
+		b.dsn = pg.DSN("bench")
+	}
+	if _, err := pgstore.Migrate(ctx, b.dsn, log); err != nil {
+		return err
+	}
+	cfg, err := pgxpool.ParseConfig(b.dsn)
+	if err != nil {
+		return usagef("--dsn is invalid: %s", pgstore.MaskDSN(err.Error()))
+	}
+	cfg.MaxConns = int32(b.f.clients + 4)
+	if b.db, err = pgxpool.NewWithConfig(ctx, cfg); err != nil {
+		return err
+	}
+	defer b.db.Close()
+	var rows int64
+	if err := b.db.QueryRow(ctx, "select count(*) from async.task").Scan(&rows); err != nil {
+		return err
+	}
+	if rows > 0 {
+		return fmt.Errorf("the database at %s already holds %d tasks; bench needs one without tasks", pgstore.MaskDSN(b.dsn), rows)
+	}
+	if b.dir, err = os.MkdirTemp("", "asyncnode-bench-"); err != nil {
+		return err
+	}
+	defer os.RemoveAll(b.dir)
+	// Generous limits: the figures measure the machinery, not a pool cap.
+	if _, err := b.db.Exec(ctx, `select async.configure('{"control":{"workers":1000},"targets":[{"target":"SELF","max_concurrency":1000}]}')`); err != nil {
+		return err
+	}
+	defer b.stopCluster()
+
+	if err := b.limits(ctx); err != nil {
+		return err
+	}
+	if err := b.startCluster(ctx, b.f.nodes); err != nil {
+		return err
+	}
+	if err := b.throughput(ctx, "empty"); err != nil {
+		return err
+	}
+	if err := b.continuous(ctx); err != nil {
+		return err
+	}
+	if err := b.latency(ctx, "empty"); err != nil {
+		return err
+	}
+	if b.f.history > 0 {
+		if err := b.addHistory(ctx); err != nil {
+			return err
+		}
+		if err := b.throughput(ctx, "history"); err != nil {
+			return err
+		}
+		if err := b.latency(ctx, "history"); err != nil {
+			return err
+		}
+		b.ratio("history_vs_empty", "throughput_history", "throughput_empty")
+	}
+	if b.f.scaleOut {
+		if err := b.scaleOut(ctx); err != nil {
+			return err
+		}
+	}
+	b.ratio("throughput_vs_bookkeeping_limit", "throughput_empty", "limit_bookkeeping")
+	var parts []string
+	for _, k := range []string{"throughput_empty", "continuous", "latency_consumed_p50_ms", "latency_consumed_p99_ms",
+		"limit_roundtrips", "limit_bookkeeping", "throughput_vs_bookkeeping_limit", "throughput_history",
+		"history_vs_empty", "scale_out_speedup"} {
+		if v, ok := b.figure[k]; ok {
+			parts = append(parts, fmt.Sprintf("%s=%s", k, num(v)))
+		}
+	}
+	fmt.Fprintf(b.out, "bench summary nodes=%d %s\n", b.nodes, strings.Join(parts, " "))
+	return nil
+}
+
+func num(v float64) string {
+	if v >= 100 {
+		return fmt.Sprintf("%.0f", v)
+	}
+	return fmt.Sprintf("%.3g", v)
+}
+
+func (b *bench) print(name string, v float64, detail string) {
+	b.figure[name] = v
+	fmt.Fprintf(b.out, "bench figure=%s value=%s %s\n", name, num(v), detail)
+}
+
+func (b *bench) ratio(name, a, c string) {
+	if b.figure[c] > 0 {
+		if _, ok := b.figure[a]; ok {
+			b.print(name, b.figure[a]/b.figure[c], fmt.Sprintf("(%s / %s)", a, c))
+		}
+	}
+}
+
+func (b *bench) startCluster(ctx context.Context, n int, extra ...string) error {
+	b.stopCluster()
+	dir, err := os.MkdirTemp(b.dir, "cluster-")
+	if err != nil {
+		return err
+	}
+	if b.f.profileSeconds > 0 {
+		extra = append(extra, "--pprof")
+	}
+	lc, err := startLocalCluster(b.dsn, dir, n, b.f.logLevel, extra...)
+	if err != nil {
+		return err
+	}
+	b.lc, b.nodes = lc, n
+	if err := lc.waitReady(ctx, 60*time.Second); err != nil {
+		return err
+	}
+	// Wait until the leader dispatches: one task through.
+	return b.pushAndWait(ctx, 1, "select 0")
+}
+
+func (b *bench) stopCluster() {
+	if b.lc != nil {
+		b.lc.stop()
+		b.lc = nil
+	}
+}
+
+// pushAndWait pushes n tasks in one statement and waits until none is
+// unfinished.
+func (b *bench) pushAndWait(ctx context.Context, n int, query string) error {
+	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task($1, 'SELF'))) from generate_series(1, $2)`, query, n); err != nil {
+		return err
+	}
+	return b.waitDrained(ctx, 10*time.Minute)
+}
+
+func (b *bench) waitDrained(ctx context.Context, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		var left int64
+		if err := b.db.QueryRow(ctx, "select count(*) from async.task where processed is null").Scan(&left); err != nil {
+			return err
+		}
+		if left == 0 {
+			var failed int64
+			if err := b.db.QueryRow(ctx, "select count(*) from async.task where failed").Scan(&failed); err != nil {
+				return err
+			}
+			if failed > 0 {
+				return fmt.Errorf("%d tasks failed during the benchmark; see the node logs", failed)
+			}
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d tasks still unfinished after %s", left, limit)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// reset deletes the tasks of the previous figure (only while the cluster is
+// idle), so every figure starts from the same state.
+func (b *bench) reset(ctx context.Context, keepHistory bool) error {
+	q := "delete from async.task"
+	if keepHistory {
+		q += " where source is distinct from 'bench history'"
+	}
+	_, err := b.db.Exec(ctx, q)
+	return err
+}
+
+// throughput: K trivial tasks in one statement, push → last processed.
+func (b *bench) throughput(ctx context.Context, label string) error {
+	if err := b.reset(ctx, true); err != nil {
+		return err
+	}
+	var prof sync.WaitGroup
+	if b.f.profileSeconds > 0 {
+		for _, c := range b.lc.children {
+			prof.Add(1)
+			go func(c *localNode) {
+				defer prof.Done()
+				b.profile(ctx, c, label)
+			}(c)
+		}
+	}
+	start := time.Now()
+	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, b.f.tasks); err != nil {
+		return err
+	}
+	if err := b.waitDrained(ctx, 10*time.Minute); err != nil {
+		return err
+	}
+	var secs float64
+	if err := b.db.QueryRow(ctx, `select extract(epoch from max(processed) - min(entered))::float8 from async.task
+		where source is distinct from 'bench history'`).Scan(&secs); err != nil {
+		return err
+	}
+	prof.Wait()
+	b.print("throughput_"+label, float64(b.f.tasks)/secs, fmt.Sprintf("unit=tasks/s nodes=%d tasks=%d seconds=%.3f wall=%s",
+		b.nodes, b.f.tasks, secs, time.Since(start).Round(time.Millisecond)))
+	return nil
+}
+
+func (b *bench) profile(ctx context.Context, c *localNode, label string) {
+	f, err := os.Create(fmt.Sprintf("%s/%s.%s.cpu.prof", b.f.profileDir, c.id, label))
+	if err != nil {
+		fmt.Fprintf(b.out, "bench: profile %s: %v\n", c.id, err)
+		return
+	}
+	defer f.Close()
+	api := newAPIClient(c.api, "")
+	api.http.Timeout = 0
+	req := fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", api.base, b.f.profileSeconds)
+	hreq, err := newGet(ctx, req)
+	if err != nil {
+		return
+	}
+	resp, err := api.http.Do(hreq)
+	if err != nil {
+		fmt.Fprintf(b.out, "bench: profile %s: %v\n", c.id, err)
+		return
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(f, resp.Body)
+}
+
+// continuous: clients push batches of 100 for a while; tasks finished per
+// second over the pushing window.
+func (b *bench) continuous(ctx context.Context) error {
+	if err := b.reset(ctx, true); err != nil {
+		return err
+	}
+	var pushed atomic.Int64
+	var wg sync.WaitGroup
+	pctx, cancel := context.WithTimeout(ctx, b.f.push)
+	defer cancel()
+	errs := make(chan error, b.f.clients)
+	start := time.Now()
+	for i := 0; i < b.f.clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for pctx.Err() == nil {
+				_, err := b.db.Exec(pctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, 100)`)
+				if err != nil {
+					if pctx.Err() == nil {
+						errs <- err
+					}
+					return
+				}
+				pushed.Add(100)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return err
+	}
+	window := time.Since(start)
+	if err := b.waitDrained(ctx, 10*time.Minute); err != nil {
+		return err
+	}
+	var n int64
+	var secs float64
+	if err := b.db.QueryRow(ctx, `select count(*), extract(epoch from max(processed) - min(entered))::float8 from async.task
+		where source is distinct from 'bench history'`).Scan(&n, &secs); err != nil {
+		return err
+	}
+	b.print("continuous", float64(n)/secs, fmt.Sprintf("unit=tasks/s nodes=%d clients=%d pushed=%d push_window=%s first_push_to_last_processed=%.3fs",
+		b.nodes, b.f.clients, pushed.Load(), window.Round(time.Millisecond), secs))
+	return nil
+}
+
+// latency: single tasks one at a time on an idle cluster; entered (the
+// push) → consumed (dispatched) and → processed, from the server's clock.
+func (b *bench) latency(ctx context.Context, label string) error {
+	if err := b.reset(ctx, true); err != nil {
+		return err
+	}
+	var consumed, processed []float64
+	for i := 0; i < b.f.samples; i++ {
+		var id int64
+		if err := b.db.QueryRow(ctx, `select async.push_task(async.task('select 0', 'SELF'))`).Scan(&id); err != nil {
+			return err
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			var c, p *float64
+			err := b.db.QueryRow(ctx, `select extract(epoch from consumed - entered)::float8 * 1000,
+				extract(epoch from processed - entered)::float8 * 1000 from async.task where task_id = $1`, id).Scan(&c, &p)
+			if err != nil {
+				return err
+			}
+			if p != nil {
+				consumed, processed = append(consumed, *c), append(processed, *p)
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("task %d not processed after 30s", id)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	for _, s := range []struct {
+		name string
+		v    []float64
+	}{{"consumed", consumed}, {"processed", processed}} {
+		slices.Sort(s.v)
+		p := func(q float64) float64 { return s.v[min(len(s.v)-1, int(q*float64(len(s.v))))] }
+		suffix := ""
+		if label != "empty" {
+			suffix = "_" + label
+		}
+		b.figure["latency_"+s.name+"_p50_ms"+suffix] = p(0.50)
+		b.figure["latency_"+s.name+"_p99_ms"+suffix] = p(0.99)
+		fmt.Fprintf(b.out, "bench figure=latency_push_to_%s%s unit=ms nodes=%d samples=%d p50=%.2f p95=%.2f p99=%.2f max=%.2f\n",
+			s.name, suffix, b.nodes, len(s.v), p(0.50), p(0.95), p(0.99), s.v[len(s.v)-1])
+	}
+	return nil
+}
+
+// addHistory inserts finished tasks as history (retention not yet due).
+func (b *bench) addHistory(ctx context.Context) error {
+	if err := b.reset(ctx, false); err != nil {
+		return err
+	}
+	start := time.Now()
+	if _, err := b.db.Exec(ctx, `insert into async.task (target, priority, entered, consumed, processed, finish_status, failed,
+		source, query, asynchronous_finish, concurrency_pool)
+		select 'SELF', 0, now() - interval '1 hour', now() - interval '1 hour', now() - interval '1 hour', 'FINISHED', false,
+		       'bench history', 'select 0', false, 'SELF'
+		  from generate_series(1, $1)`, b.f.history); err != nil {
+		return fmt.Errorf("add history: %w", err)
+	}
+	if _, err := b.db.Exec(ctx, "vacuum analyze async.task"); err != nil {
+		return err
+	}
+	fmt.Fprintf(b.out, "bench history: %d finished tasks added in %s\n", b.f.history, time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// limits measures, on the same PostgreSQL with no node running: trivial
+// round trips over the same number of connections, and the bookkeeping
+// (claim a batch in order, mark it finished) done as plain batched SQL.
+func (b *bench) limits(ctx context.Context) error {
+	var n atomic.Int64
+	var wg sync.WaitGroup
+	lctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	start := time.Now()
+	for i := 0; i < b.f.clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := b.db.Acquire(ctx)
+			if err != nil {
+				return
+			}
+			defer c.Release()
+			for lctx.Err() == nil {
+				if _, err := c.Exec(lctx, "select 0", pgx.QueryExecModeSimpleProtocol); err == nil {
+					n.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	b.print("limit_roundtrips", float64(n.Load())/time.Since(start).Seconds(),
+		fmt.Sprintf("unit=queries/s connections=%d query='select 0'", b.f.clients))
+
+	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, b.f.tasks); err != nil {
+		return err
+	}
+	start = time.Now()
+	done := 0
+	for {
+		var ids []int64
+		err := b.db.QueryRow(ctx, `with c as (
+			  select task_id from async.task where consumed is null and processed is null
+			   order by priority, entered, task_id limit 500 for update skip locked),
+			u as (
+			  update async.task t set consumed = clock_timestamp(), attempt = t.attempt + 1
+			    from c where t.task_id = c.task_id returning t.task_id)
+			select coalesce(array_agg(task_id), '{}') from u`).Scan(&ids)
+		if err != nil {
+			return err
+		}
+		if len(ids) == 0 {
+			break
+		}
+		if _, err := b.db.Exec(ctx, `update async.task set processed = clock_timestamp(), finish_status = 'FINISHED', failed = false
+			where task_id = any($1)`, ids); err != nil {
+			return err
+		}
+		done += len(ids)
+	}
+	b.print("limit_bookkeeping", float64(done)/time.Since(start).Seconds(),
+		fmt.Sprintf("unit=tasks/s tasks=%d batch=500 (claim in order + finish, plain SQL, no query run)", done))
+	return b.reset(ctx, false)
+}
+
+// scaleOut: pg_sleep(0.05) tasks, each node capped at --per-node at once;
+// 1 node vs 3 nodes.
+func (b *bench) scaleOut(ctx context.Context) error {
+	rate := map[int]float64{}
+	for _, n := range []int{1, 3} {
+		if err := b.startCluster(ctx, n, "--max-tasks", fmt.Sprint(b.f.perNode)); err != nil {
+			return err
+		}
+		if err := b.reset(ctx, true); err != nil {
+			return err
+		}
+		if err := b.pushAndWait(ctx, b.f.sleepTasks, "select pg_sleep(0.05)"); err != nil {
+			return err
+		}
+		var secs float64
+		if err := b.db.QueryRow(ctx, `select extract(epoch from max(processed) - min(entered))::float8 from async.task
+			where source is distinct from 'bench history'`).Scan(&secs); err != nil {
+			return err
+		}
+		rate[n] = float64(b.f.sleepTasks) / secs
+		b.print(fmt.Sprintf("scale_out_%d_nodes", n), rate[n], fmt.Sprintf("unit=tasks/s tasks=%d per_node=%d query='select pg_sleep(0.05)' seconds=%.3f",
+			b.f.sleepTasks, b.f.perNode, secs))
+	}
+	b.print("scale_out_speedup", rate[3]/rate[1], "(3 nodes / 1 node)")
+	return nil
+}
+
+func newGet(ctx context.Context, url string) (*http.Request, error) {
+	return http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+}

@@ -1,0 +1,30 @@
+package main
+
+import (
+	"regexp"
+	"strconv"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// TestBenchPrintsEveryFigure runs a small `asyncnode bench` (its own
+// throwaway PostgreSQL and node) and checks that every figure is printed
+// with a positive value and the summary line closes the run. It checks the
+// benchmark works, not how fast anything is.
+func TestBenchPrintsEveryFigure(t *testing.T) {
+	out, errOut, code := runCLI(t, nil, "bench", "--tasks", "500", "--samples", "5", "--clients", "2", "--push-for", "1s",
+		"--history", "2000", "--scale-out", "--sleep-tasks", "24", "--per-node", "2")
+	require.Equal(t, 0, code, "bench failed:\n%s\n%s", out, errOut)
+	for _, fig := range []string{"limit_roundtrips", "limit_bookkeeping", "throughput_empty", "continuous", "throughput_history",
+		"history_vs_empty", "scale_out_1_nodes", "scale_out_3_nodes", "scale_out_speedup", "throughput_vs_bookkeeping_limit"} {
+		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=([0-9.e+]+) `).FindStringSubmatch(out)
+		require.NotNil(t, m, "figure %s missing:\n%s", fig, out)
+		v, err := strconv.ParseFloat(m[1], 64)
+		require.NoError(t, err)
+		require.Positive(t, v, "figure %s", fig)
+	}
+	require.Regexp(t, `(?m)^bench figure=latency_push_to_consumed unit=ms nodes=1 samples=5 p50=`, out)
+	require.Regexp(t, `(?m)^bench figure=latency_push_to_processed_history unit=ms`, out)
+	require.Regexp(t, `(?m)^bench summary nodes=\d+ throughput_empty=`, out)
+}
