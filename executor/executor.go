@@ -552,6 +552,7 @@ func (e *Executor) launch(batch []Work, started []pgstore.StartedTask) {
 		deadline := w.Deadline
 		if deadline.IsZero() {
 			deadline = st.Deadline
+			a.work.Deadline = deadline
 		}
 		tctx, cancel := context.WithCancelCause(e.taskBase)
 		a.phase = phaseRunning
@@ -593,8 +594,23 @@ func (e *Executor) complete(ref pgstore.Ref, out *pgstore.Outcome, stop error) {
 	a := e.attempts[ref]
 	a.cancel = nil
 	var wake chan struct{}
+	revoked := a.revoked || (out == nil && errors.Is(stop, errRevoked))
+	if revoked && out == nil && !a.work.Deadline.IsZero() && !e.cfg.Now().Before(a.work.Deadline) {
+		// The leader revokes an attempt that ran well past its deadline
+		// (its node could not stop it in time, or the clocks disagree):
+		// it timed out, and nobody else writes that (D10).
+		msg := TimeoutError
+		out = &pgstore.Outcome{Ref: ref, Status: pgstore.StatusTimedOut, Error: &msg, At: e.cfg.Now()}
+	}
 	switch {
-	case a.revoked || (out == nil && errors.Is(stop, errRevoked)):
+	case revoked && out != nil:
+		// A revoked attempt that has a result still writes it: the write is
+		// fenced, so it only lands when nobody ended the task meanwhile
+		// (a deadline revoke), never over a cancel, finish or re-run.
+		if e.addOutcomeLocked(a, *out) {
+			wake = e.finishWake
+		}
+	case revoked:
 		a.phase = phaseReporting
 		e.dones = append(e.dones, Done{Ref: ref})
 		wake = e.reportWake

@@ -612,6 +612,29 @@ func TestTimeoutTerminatesQueryIgnoringCancel(t *testing.T) {
 	require.Contains(t, h.logs.String(), "backend terminated")
 }
 
+// The leader revokes an attempt that ran past its deadline because its
+// node could not stop it (here: the query ignores cancel and terminating is
+// slow): the attempt still ends TIMED_OUT instead of staying RUNNING.
+func TestRevokePastDeadlineWritesTimedOut(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.TerminateAfter = time.Minute })
+	ref := h.submit(task{query: `do $$ /* late-marker */ begin
+		loop begin perform pg_sleep(30); exception when query_canceled then null; end; end loop; end $$`,
+		timeout: 300 * time.Millisecond})[0]
+	var pid int64
+	require.Eventually(t, func() bool { pid = activeBackend(t, h, "late-marker"); return pid != 0 },
+		10*time.Second, 10*time.Millisecond)
+	time.Sleep(500 * time.Millisecond) // past the deadline; cancel was ignored
+	require.NotZero(t, activeBackend(t, h, "late-marker"), "the query must still run for this test")
+	h.ex.Revoke([]pgstore.Ref{ref})
+	// Revoking cancels nothing new; terminate the backend as a stuck
+	// target finally would, and the attempt ends.
+	sqlExec(t, h.dsn, `select pg_terminate_backend($1)`, pid)
+	_, o, wrote := h.waitDone(ref, 30*time.Second)
+	require.True(t, wrote, "a revoked attempt past its deadline writes TIMED_OUT")
+	require.Equal(t, pgstore.StatusTimedOut, o.Status)
+	require.Equal(t, TimeoutError, errText(o))
+}
+
 func TestRevokeRunning(t *testing.T) {
 	h := newHarness(t, nil)
 	ref := h.submit(task{query: `select pg_sleep(30) /* revoke-marker */`})[0]

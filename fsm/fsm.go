@@ -281,7 +281,10 @@ func (f *FSM) applyRelease(p []byte) (Result, []func()) {
 			continue
 		}
 		res.Changed++
-		if it.Yielded && it.HoldPool && !a.External && !a.Revoked {
+		// A yielded task that tracks its pool slot keeps it until it ends;
+		// that includes a non-query task handed out by get_tasks on an
+		// asynchronous target (it never held a worker slot).
+		if it.Yielded && it.HoldPool && !a.Revoked {
 			f.st.dropWorker(a)
 			a.Yielded = true
 		} else {

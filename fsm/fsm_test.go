@@ -97,6 +97,23 @@ func TestYieldHoldsPoolNotWorker(t *testing.T) {
 	require.Empty(t, f.Counts().Pools)
 }
 
+// A non-query task handed out by get_tasks on an asynchronous target that
+// tracks yielded tasks keeps its pool slot (it never held a worker slot).
+func TestYieldedExternalHoldsPool(t *testing.T) {
+	f := New(nil)
+	apply(t, f, MsgAssign, Assign{Term: 1, Items: []Assignment{{TaskID: 1, Attempt: 1, Pool: "ext", External: true}}})
+	require.Equal(t, 0, f.Counts().Workers)
+	apply(t, f, MsgRelease, Release{Items: []ReleaseItem{{Ref: Ref{1, 1}, Yielded: true, HoldPool: true}}})
+	c := f.Counts()
+	require.Equal(t, 0, c.Workers)
+	require.Equal(t, map[string]int{"ext": 1}, c.Pools)
+	a, ok := f.Get(1)
+	require.True(t, ok)
+	require.True(t, a.Yielded)
+	apply(t, f, MsgRelease, Release{Items: []ReleaseItem{{Ref: Ref{1, 1}}}})
+	require.Empty(t, f.Counts().Pools)
+}
+
 func TestRevokeKeepsCountingUntilRelease(t *testing.T) {
 	rec := &recorder{}
 	f := New(rec)

@@ -165,6 +165,11 @@ func TestClaimEligibleWhen(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, cl, 1, "eligible once Now passes eligible_when")
 	require.Equal(t, ids[0], cl[0].TaskID)
+	// Once it ran again, the deferral is used up.
+	_, err = s.StartTasks(ctx, cl[0].Node, refs(ref(cl[0])))
+	require.NoError(t, err)
+	finish(t, s, cl[0].Node, ref(cl[0]), pgstore.StatusFinished)
+	require.Nil(t, getTask(t, c, ids[0]).EligibleIn)
 }
 
 // The claim reads only the partial indexes of unfinished rows: a large

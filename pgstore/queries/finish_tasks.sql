@@ -31,7 +31,9 @@ u AS (
                   ELSE o.eff IN ('FAILED', 'TIMED_OUT', 'CANCELED') END,
     processing_error = CASE WHEN o.eff = 'REQUEUE' THEN t.processing_error ELSE o.err END,
     tracked = CASE WHEN o.eff = 'YIELDED' THEN coalesce(t.track_yielded, false) ELSE false END,
-    yield_upon_finish = CASE WHEN o.eff = 'REQUEUE' THEN t.yield_upon_finish END
+    yield_upon_finish = CASE WHEN o.eff = 'REQUEUE' THEN t.yield_upon_finish END,
+    -- a deferral is used up once the task ran again (as async.finish does)
+    eligible_when = CASE WHEN o.eff = 'REQUEUE' THEN t.eligible_when END
     FROM o
    WHERE t.task_id = o.task_id AND t.attempt = o.attempt AND t.node = $1::text
      AND t.consumed IS NOT NULL AND t.processed IS NULL AND t.yielded IS NULL
