@@ -114,7 +114,18 @@ func (o observer) Revoked(as []fsm.Assignment) {
 	o.a.exec.Revoke(refs)
 }
 
-func (o observer) Released([]fsm.Ref) {
+func (o observer) Released(refs []fsm.Ref) {
+	// A slot released while its attempt still runs here means the leader
+	// settled the attempt without us (e.g. it resolved this node as lost
+	// while the process was frozen): stop it. For attempts this node
+	// reported itself, Revoke finds nothing running and does nothing.
+	if o.a.exec != nil && len(refs) > 0 {
+		stop := make([]pgstore.Ref, len(refs))
+		for i, r := range refs {
+			stop[i] = pgstore.Ref{TaskID: r.TaskID, Attempt: r.Attempt}
+		}
+		o.a.exec.Revoke(stop)
+	}
 	if o.a.sched != nil {
 		o.a.sched.Wake()
 	}
@@ -271,7 +282,13 @@ func (a *Agent) lease() time.Duration {
 	if a.cfg.Lease > 0 {
 		return a.cfg.Lease
 	}
-	return max(a.cfg.LostAfter/2, time.Second)
+	return DefaultLease(a.cfg.LostAfter)
+}
+
+// DefaultLease is the lease a node uses when none is configured: half of
+// lostAfter, at least one second.
+func DefaultLease(lostAfter time.Duration) time.Duration {
+	return max(lostAfter/2, time.Second)
 }
 
 // watchLease gives up this node's attempts once it has been out of contact
@@ -284,6 +301,7 @@ func (a *Agent) watchLease(ctx context.Context) {
 	defer tick.Stop()
 	var leaderAt time.Time // last time this node itself led
 	expired := false
+	lastTick := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -291,6 +309,19 @@ func (a *Agent) watchLease(ctx context.Context) {
 		case <-tick.C:
 		}
 		now := time.Now()
+		gap := now.Sub(lastTick)
+		lastTick = now
+		if gap > lease {
+			// This process did not run for longer than its lease (SIGSTOP,
+			// a VM pause, starvation): whatever Raft still believes, the
+			// cluster may have resolved its tasks meanwhile.
+			reason := fmt.Sprintf("node %s was lost: the process was frozen for %s, so it stopped the task",
+				a.cfg.NodeID, gap.Round(time.Millisecond))
+			n := a.exec.Abandon(reason)
+			a.log.Warn("lease expired: this process was frozen", "for", gap.Round(time.Millisecond), "lease", lease, "stopped", n)
+			leaderAt = time.Time{}
+			continue
+		}
 		if a.node.IsLeader() {
 			leaderAt, expired = now, false
 			continue

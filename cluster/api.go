@@ -259,6 +259,11 @@ func (n *Node) handleJoin(w http.ResponseWriter, r *http.Request) {
 // handleLeave makes the local node leave the cluster gracefully; the
 // process notices through Left() and stops.
 func (n *Node) handleLeave(w http.ResponseWriter, r *http.Request) {
+	// Refuse what cannot succeed before the embedding process drains.
+	if err := n.checkCanLeave(); err != nil {
+		writeError(w, n.errorFor(err))
+		return
+	}
 	if n.cfg.BeforeLeave != nil {
 		// A client that gives up must not abort the drain half-way.
 		if err := n.cfg.BeforeLeave(context.WithoutCancel(r.Context())); err != nil {

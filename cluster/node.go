@@ -625,7 +625,7 @@ func (n *Node) handOff(ctx context.Context) error {
 	}
 	if others == 0 {
 		if len(nonvoters) == 0 {
-			return errors.New("this node is the only server of the cluster: stop it instead")
+			return errOnlyServer
 		}
 		p := nonvoters[0]
 		n.log.Info("promoting a non-voter before handing off leadership", "member", p.ID)
@@ -641,6 +641,24 @@ func (n *Node) handOff(ctx context.Context) error {
 		_, id := n.raft.LeaderWithID()
 		return id != "" && id != self
 	})
+}
+
+// errOnlyServer refuses to leave a cluster that would be left without servers.
+var errOnlyServer = fmt.Errorf("%w: this node is the only server of the cluster: stop it instead", ErrRefused)
+
+// checkCanLeave refuses a leave that cannot succeed: the last server of
+// the cluster cannot leave it.
+func (n *Node) checkCanLeave() error {
+	servers, err := n.configuration()
+	if err != nil {
+		return err
+	}
+	for _, s := range servers {
+		if string(s.ID) != n.cfg.NodeID {
+			return nil
+		}
+	}
+	return errOnlyServer
 }
 
 // removeSelf asks the leader to remove this node from Raft and waits until

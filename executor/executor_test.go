@@ -635,6 +635,26 @@ func TestRevokePastDeadlineWritesTimedOut(t *testing.T) {
 	require.Equal(t, TimeoutError, errText(o))
 }
 
+// TerminateSessions ends every session of another node process on a
+// target, and nothing else.
+func TestTerminateSessions(t *testing.T) {
+	h := newHarness(t, nil)
+	other, err := pgx.Connect(context.Background(), h.dsn+" application_name=asyncnode/gone/0123")
+	require.NoError(t, err)
+	defer other.Close(context.Background())
+	bystander, err := pgx.Connect(context.Background(), h.dsn+" application_name=someone-else")
+	require.NoError(t, err)
+	defer bystander.Close(context.Background())
+	n, err := h.ex.TerminateSessions(context.Background(), nil, "asyncnode/gone/0123")
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	require.Error(t, other.Ping(context.Background()), "the lost node's session is gone")
+	require.NoError(t, bystander.Ping(context.Background()), "other sessions are untouched")
+	n, err = h.ex.TerminateSessions(context.Background(), nil, "asyncnode/gone/0123")
+	require.NoError(t, err)
+	require.Zero(t, n)
+}
+
 func TestRevokeRunning(t *testing.T) {
 	h := newHarness(t, nil)
 	ref := h.submit(task{query: `select pg_sleep(30) /* revoke-marker */`})[0]

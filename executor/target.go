@@ -190,6 +190,36 @@ func (t *target) waitState() (nextTry time.Time, healthy <-chan struct{}, lastEr
 	return t.nextTry, t.healthy, t.lastErr
 }
 
+// TerminateSessions ends every backend on the target (nil connStr: the
+// server database) whose application_name is appName: the sessions of
+// another node process, typically one the leader declared lost, so that
+// none of its queries keeps running while its tasks are re-run elsewhere.
+// It uses a separate connection and returns how many it ended.
+func (e *Executor) TerminateSessions(ctx context.Context, connStr *string, appName string) (int, error) {
+	t := e.target(ctx, connStr)
+	if t.cfgErr != nil {
+		return 0, t.cfgErr
+	}
+	ctx, cancel := context.WithTimeout(ctx, terminateGrace)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(ctx, t.connCfg.Copy())
+	if err != nil {
+		return 0, errors.New(t.maskErr(err))
+	}
+	defer func() {
+		cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		defer ccancel()
+		_ = conn.Close(cctx)
+	}()
+	var n int
+	err = conn.QueryRow(ctx, `SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+		WHERE application_name = $1 AND pid <> pg_backend_pid()`, appName).Scan(&n)
+	if err != nil {
+		return 0, errors.New(t.maskErr(err))
+	}
+	return n, nil
+}
+
 // terminate ends backend pid on the target if it is still busy, from a
 // separate connection (the pool may be full). It reports whether a backend
 // was terminated.

@@ -228,8 +228,11 @@ func (f *FSM) Apply(l *raft.Log) any {
 		return fmt.Errorf("%w %d at index %d", ErrUnknownType, l.Data[0], l.Index)
 	}
 	f.mu.Lock()
-	res, notify := h(f, l.Data[1:])
+	res, notify, err := f.call(h, l.Data[1:])
 	f.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("fsm: entry at index %d: %w", l.Index, err)
+	}
 	for _, n := range notify {
 		n()
 	}
@@ -237,10 +240,35 @@ func (f *FSM) Apply(l *raft.Log) any {
 	return b
 }
 
+// ErrMalformed is returned (as Apply's response) for an entry whose payload
+// does not decode; it changes nothing.
+var ErrMalformed = errors.New("malformed entry")
+
+// decodeError carries a payload decoding failure out of a handler.
+type decodeError struct{ err error }
+
+// call runs h, turning a payload that does not decode into ErrMalformed.
+// Every handler decodes before it changes anything, and decoding fails the
+// same way on every replica, so rejecting such an entry is deterministic:
+// a malformed entry (a bug, or a request to an API without a token) must
+// not stop every node at every replay of the log.
+func (f *FSM) call(h handler, payload []byte) (res Result, notify []func(), err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			de, ok := r.(decodeError)
+			if !ok {
+				panic(r)
+			}
+			res, notify, err = Result{}, nil, fmt.Errorf("%w: %v", ErrMalformed, de.err)
+		}
+	}()
+	res, notify = h(f, payload)
+	return res, notify, nil
+}
+
 func mustDecode(payload []byte, v any) {
 	if err := json.Unmarshal(payload, v); err != nil {
-		// Replicas must not diverge: a corrupt entry stops this node.
-		panic(fmt.Sprintf("fsm: corrupt log entry: %v", err))
+		panic(decodeError{err})
 	}
 }
 

@@ -41,9 +41,19 @@ func TestEveryTypeHasHandler(t *testing.T) {
 	require.ErrorIs(t, out.(error), ErrUnknownType)
 }
 
-func TestCorruptEntryPanics(t *testing.T) {
+// A malformed entry is refused and changes nothing; the FSM keeps working.
+func TestMalformedEntryIsRejected(t *testing.T) {
 	f := New(nil)
-	require.Panics(t, func() { f.Apply(&raft.Log{Data: []byte{byte(MsgAssign), '{', 'x'}}) })
+	apply(t, f, MsgAssign, Assign{Term: 1, Items: []Assignment{{TaskID: 1, Attempt: 1, Node: "a", Pool: "p"}}})
+	for _, data := range [][]byte{{byte(MsgAssign), '{', 'x'}, {byte(MsgRelease), '[', ']'}, {byte(MsgRegister), '"'}} {
+		out := f.Apply(&raft.Log{Index: 7, Data: data})
+		err, ok := out.(error)
+		require.True(t, ok, "got %v", out)
+		require.ErrorIs(t, err, ErrMalformed)
+	}
+	require.Equal(t, 1, f.Counts().Total)
+	apply(t, f, MsgRelease, Release{Items: []ReleaseItem{{Ref: Ref{1, 1}}}})
+	require.Equal(t, 0, f.Counts().Total)
 }
 
 func TestAssignReleaseCounts(t *testing.T) {

@@ -9,17 +9,17 @@ import (
 
 // Counts are the unfinished tasks by state, for `asyncnode status`.
 type Counts struct {
-	Queued  int64 // READY (including deferred ones not yet eligible)
-	Running int64 // RUNNING (claimed, query or non-query)
-	Yielded int64 // YIELDED, waiting for async.finish
+	Queued  int64 `json:"queued"`  // READY (including deferred ones not yet eligible)
+	Running int64 `json:"running"` // RUNNING (claimed, query or non-query)
+	Yielded int64 `json:"yielded"` // YIELDED, waiting for async.finish
 }
 
 // Failure is one recently failed task.
 type Failure struct {
-	TaskID       int64
-	FinishStatus string // FAILED, CANCELED, TIMED_OUT, ... ("" if none)
-	Error        string // processing_error
-	Processed    time.Time
+	TaskID       int64     `json:"task_id"`
+	FinishStatus string    `json:"finish_status"` // FAILED, CANCELED, TIMED_OUT, ... ("" if none)
+	Error        string    `json:"error"`         // processing_error
+	Processed    time.Time `json:"processed"`
 }
 
 // Counts returns the number of queued, running and yielded tasks.

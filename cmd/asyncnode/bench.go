@@ -54,7 +54,7 @@ type bench struct {
 func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
 	fs := newFlagSet("bench", stdout, "asyncnode bench: measure throughput and latency against the machine's own limit")
 	var f benchFlags
-	fs.StringVar(&f.dsn, "dsn", "", "server database to use (must have no tasks; default: a throwaway PostgreSQL)")
+	fs.StringVar(&f.dsn, "bench-dsn", "", "server database to benchmark in (it must hold no tasks; default: a throwaway PostgreSQL)")
 	fs.IntVar(&f.nodes, "nodes", 1, "nodes for the throughput and latency figures (1 or more; 3 adds a second round on 3 nodes when 1 is given with --scale-out)")
 	fs.IntVar(&f.tasks, "tasks", 20000, "trivial tasks pushed in one statement for the throughput figure")
 	fs.IntVar(&f.clients, "clients", 4, "connections for the continuous push and the round-trip limit")
@@ -114,24 +114,26 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 		}
 		b.dsn = pg.DSN("bench")
 	}
-	if _, err := pgstore.Migrate(ctx, b.dsn, log); err != nil {
-		return err
-	}
 	cfg, err := pgxpool.ParseConfig(b.dsn)
 	if err != nil {
-		return usagef("--dsn is invalid: %s", pgstore.MaskDSN(err.Error()))
+		return usagef("--bench-dsn is invalid: %s", pgstore.MaskDSN(err.Error()))
 	}
 	cfg.MaxConns = int32(b.f.clients + 4)
 	if b.db, err = pgxpool.NewWithConfig(ctx, cfg); err != nil {
 		return err
 	}
 	defer b.db.Close()
+	// Refuse a database in use before changing anything in it.
 	var rows int64
-	if err := b.db.QueryRow(ctx, "select count(*) from async.task").Scan(&rows); err != nil {
-		return err
+	if err := b.db.QueryRow(ctx, `select case when to_regclass('async.task') is null then 0
+		else (xpath('/row/c/text()', query_to_xml('select count(*) as c from async.task', false, true, '')))[1]::text::bigint end`).Scan(&rows); err != nil {
+		return fmt.Errorf("check the benchmark database: %w", err)
 	}
 	if rows > 0 {
 		return fmt.Errorf("the database at %s already holds %d tasks; bench needs one without tasks", pgstore.MaskDSN(b.dsn), rows)
+	}
+	if _, err := pgstore.Migrate(ctx, b.dsn, log); err != nil {
+		return err
 	}
 	if b.dir, err = os.MkdirTemp("", "asyncnode-bench-"); err != nil {
 		return err

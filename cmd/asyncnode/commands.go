@@ -32,13 +32,9 @@ func newFlagSet(name string, stdout io.Writer, summary string) *flag.FlagSet {
 	return fs
 }
 
-// parse wraps parseFlags and prints help on --help.
+// parse parses args (and ASYNCNODE_* variables) into fs.
 func parse(fs *flag.FlagSet, args []string, env func(string) string) error {
-	err := parseFlags(fs, args, env)
-	if err == flag.ErrHelp {
-		fs.Usage()
-	}
-	return err
+	return parseFlags(fs, args, env) // flag prints the help itself on --help
 }
 
 type logFlags struct {
@@ -167,8 +163,12 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	if r.lease < 0 {
 		return nil, usagef("--lease must not be negative, got %s", r.lease)
 	}
-	if r.lease >= r.lostAfter {
-		return nil, usagef("--lease (%s) must be shorter than --lost-after (%s), or tasks could run on two nodes at once", r.lease, r.lostAfter)
+	lease := r.lease
+	if lease == 0 {
+		lease = agent.DefaultLease(r.lostAfter)
+	}
+	if lease >= r.lostAfter {
+		return nil, usagef("--lease (%s) must be shorter than --lost-after (%s), or tasks could run on two nodes at once", lease, r.lostAfter)
 	}
 	if err := positive("shutdown-timeout", r.shutdown); err != nil {
 		return nil, err
@@ -323,6 +323,9 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer, env
 		return enc.Encode(rep)
 	}
 	printStatus(stdout, rep)
+	if len(rep.Errors) > 0 {
+		return fmt.Errorf("the node reported %d error(s) (shown above)", len(rep.Errors))
+	}
 	return nil
 }
 

@@ -27,6 +27,7 @@ func TestBadFlagsExitTwoWithOneLine(t *testing.T) {
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--gossip-key", "!!"}, "--gossip-key"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--tls-cert", "c"}, "--tls-cert"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "-1s"}, "--lost-after"},
+		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "800ms"}, "--lease"},
 		{[]string{"bench", "--tasks", "0"}, "--tasks"},
 		{[]string{"bench", "--profile-seconds", "5"}, "--profile-seconds"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "2s", "--lease", "3s"}, "--lease"},
@@ -47,6 +48,12 @@ func TestBadFlagsExitTwoWithOneLine(t *testing.T) {
 	_, stderr, code := runCLI(t, []string{"ASYNCNODE_VOTERS=x"}, "run", "--node-id", "a", "--data-dir", "/tmp/x")
 	require.Equal(t, 2, code)
 	require.Contains(t, stderr, "ASYNCNODE_VOTERS")
+	// --help prints the command's help once and exits 0.
+	for _, cmd := range []string{"run", "status", "bench", "leave"} {
+		out, _, code := runCLI(t, nil, cmd, "--help")
+		require.Equal(t, 0, code)
+		require.Equal(t, 1, strings.Count(out, "Flags:"), "%s --help:\n%s", cmd, out)
+	}
 }
 
 func TestInitIsIdempotentAndMasksPasswords(t *testing.T) {
@@ -133,6 +140,13 @@ FROM generate_series(1,1000)
 	require.NoError(t, db.QueryRow(ctx, "select finish_status::text, processing_error from async.task where task_id=$1", id).Scan(&status, &perr))
 	require.Equal(t, "FAILED", status)
 	require.Contains(t, perr, "division by zero")
+
+	// The only server cannot leave; it says so and keeps working.
+	out, errOut, code = runCLI(t, nil, "leave", "--http-addr", n.api)
+	require.Equal(t, 1, code, "%s %s", out, errOut)
+	require.Contains(t, errOut, "only server of the cluster")
+	require.NoError(t, db.QueryRow(ctx, "select async.push_task(async.task('select 0', 'SELF'))").Scan(&id))
+	waitAllDone(t, db, 30*time.Second)
 
 	// Graceful stop.
 	n.stop()
