@@ -45,7 +45,9 @@ type Leadership struct {
 // recorded term <= term), it terminates that session and retries for up to
 // about 5 s. Otherwise it returns ErrLockHeld, naming the holder's pid and
 // application_name. Once locked it records term, node and clusterID in
-// async.leader (only if no newer term is recorded, else ErrStaleTerm) and
+// async.leader (only if no newer term of the same cluster is recorded, else
+// ErrStaleTerm; a different cluster takes over with a larger fencing token,
+// see Leadership.Term) and
 // control.pid / running_since / leader_node / leader_term.
 func (s *Store) TakeLeadership(ctx context.Context, term uint64, node, clusterID string) (*Leadership, error) {
 	t, err := termArg(term)
@@ -145,13 +147,20 @@ func (s *Store) takeLeadership(ctx context.Context, conn *pgx.Conn, term int64, 
 		}
 		return nil, s.wrap("take leadership: record term", err)
 	}
+	if recorded != term {
+		s.log.Info("fencing token differs from the Raft term (the server database was led by another cluster before)",
+			"raft_term", term, "token", recorded)
+	}
 	return &Leadership{
-		term: uint64(term), key: key, pid: conn.PgConn().PID(), log: s.log, conn: conn,
+		term: uint64(recorded), key: key, pid: conn.PgConn().PID(), log: s.log, conn: conn,
 		lost: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{}),
 	}, nil
 }
 
-// Term is the term this leadership was taken for.
+// Term is the fencing token of this leadership: every leader write must
+// carry it (ClaimRequest.Term and the term arguments). It equals the Raft
+// term unless the server database was led by another cluster before, in
+// which case it is larger (see migration 0005).
 func (l *Leadership) Term() uint64 { return l.term }
 
 // PID is the backend pid of the dedicated connection holding the lock.

@@ -71,13 +71,14 @@ func TestMigrateUpgradesOlderSchema(t *testing.T) {
 	dsn := h.DB(t)
 	c := connect(t, dsn)
 	// Pretend the last migration was never applied: drop what it created.
-	exec(t, c, `DROP VIEW async.v_target, async.v_concurrency_pool, async.v_running_task, async.v_target_status`)
-	exec(t, c, `DELETE FROM async.schema_migrations WHERE version = 4`)
+	exec(t, c, `ALTER TABLE async.leader DROP COLUMN raft_term, DROP COLUMN term_offset`)
+	exec(t, c, `UPDATE async.leader SET term = 7`)
+	exec(t, c, `DELETE FROM async.schema_migrations WHERE version = 5`)
 	applied, err := pgstore.Migrate(ctx, dsn, nil)
 	require.NoError(t, err)
-	require.Equal(t, []int{4}, applied)
-	require.Equal(t, []string{"4"}, queryStrings(t, c, `SELECT max(version)::text FROM async.schema_migrations`))
-	queryStrings(t, c, `SELECT target FROM async.v_target`)
+	require.Equal(t, []int{5}, applied)
+	require.Equal(t, []string{"5"}, queryStrings(t, c, `SELECT max(version)::text FROM async.schema_migrations`))
+	require.Equal(t, []string{"7:7:0"}, queryStrings(t, c, `SELECT term || ':' || raft_term || ':' || term_offset FROM async.leader`))
 }
 
 func TestMigrateRefusesForeignSchema(t *testing.T) {

@@ -746,3 +746,37 @@ func TestFinishLostOutcome(t *testing.T) {
 	require.True(t, out(retry, again[0].Node)[0].Applied)
 	require.Equal(t, "FAILED", getTask(t, c, retry).Status)
 }
+
+// A cluster rebuilt from empty data directories (its Raft terms start
+// again) can lead a server database an older cluster led: it gets a fencing
+// token larger than any before, and the old cluster's terms stay fenced.
+func TestAnotherClusterTakesOverWithALargerToken(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	push(t, c, "SELF", 3, "select 1")
+	a, err := s.TakeLeadership(ctx, 9, "a1", "cluster-a")
+	require.NoError(t, err)
+	require.Equal(t, uint64(9), a.Term(), "first leader: the token is the Raft term")
+	require.NoError(t, a.Release(ctx))
+
+	b, err := s.TakeLeadership(ctx, 2, "b1", "cluster-b")
+	require.NoError(t, err, "a new cluster with small Raft terms takes over")
+	require.Equal(t, uint64(10), b.Term())
+	require.Len(t, claim(t, s, b.Term(), 1, nil), 1, "writes carry the token")
+	_, err = s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 9, Slots: slots(1), Now: time.Now()})
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm, "the old cluster's last term is fenced")
+	require.NoError(t, b.Release(ctx))
+
+	b3, err := s.TakeLeadership(ctx, 3, "b2", "cluster-b")
+	require.NoError(t, err)
+	require.Equal(t, uint64(11), b3.Term(), "the same cluster keeps its offset")
+	require.NoError(t, b3.Release(ctx))
+	_, err = s.TakeLeadership(ctx, 2, "b1", "cluster-b")
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm, "an older term of the same cluster cannot take over")
+
+	a2, err := s.TakeLeadership(ctx, 10, "a1", "cluster-a")
+	require.NoError(t, err)
+	require.Equal(t, uint64(12), a2.Term(), "tokens only grow, whichever cluster leads")
+	require.NoError(t, a2.Release(ctx))
+}

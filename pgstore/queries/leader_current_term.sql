@@ -1,1 +1,1 @@
-SELECT l.term FROM async.leader l
+SELECT l.raft_term FROM async.leader l

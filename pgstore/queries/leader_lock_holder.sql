@@ -1,8 +1,9 @@
 -- Who holds the session advisory lock $1 in this database? PostgreSQL splits
 -- a bigint key into classid (high 32 bits) and objid (low 32 bits), objsubid 1.
--- Also returns the recorded leader, to recognise a stale holder of our cluster.
+-- Also returns the recorded leader (its Raft term), to recognise a stale
+-- holder of our cluster.
 SELECT l.pid, coalesce(a.application_name, ''),
-       coalesce(ld.cluster_id, ''), coalesce(ld.holder_pid, 0), ld.term
+       coalesce(ld.cluster_id, ''), coalesce(ld.holder_pid, 0), ld.raft_term
   FROM pg_locks l
   LEFT JOIN pg_stat_activity a ON a.pid = l.pid
   LEFT JOIN async.leader ld ON true
