@@ -42,10 +42,46 @@ func TestMain(m *testing.M) {
 const (
 	wait = 10 * time.Second
 	poll = 10 * time.Millisecond
-	// quiet is how long negative checks (require.Never) watch: several
+	// quiet is how long negative checks (stays) watch: several
 	// sweep (100 ms), check (250 ms) and idle (100 ms) periods.
 	quiet = 800 * time.Millisecond
 )
+
+// eventually polls cond on the calling goroutine until it holds, and fails
+// the test with msg() (evaluated then, so it can show the last state seen)
+// if it does not within wait. Unlike require.Eventually, no check is left
+// running when it returns, so cond may use the test's SQL connection.
+func eventually(t testing.TB, cond func() bool, msg func() string) {
+	t.Helper()
+	deadline := time.Now().Add(wait)
+	tick := time.NewTicker(poll)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s: %s", wait, msg())
+		}
+		<-tick.C
+	}
+}
+
+func text(format string, args ...any) func() string {
+	return func() string { return fmt.Sprintf(format, args...) }
+}
+
+// stays asserts that cond stays false for the quiet period (a negative
+// check), polling on the calling goroutine.
+func stays(t testing.TB, cond func() bool, msg string, args ...any) {
+	t.Helper()
+	deadline := time.Now().Add(quiet)
+	tick := time.NewTicker(poll)
+	defer tick.Stop()
+	for time.Now().Before(deadline) {
+		if cond() {
+			t.Fatalf("unexpected: "+msg, args...)
+		}
+		<-tick.C
+	}
+}
 
 type testWriter struct{ t testing.TB }
 
@@ -115,7 +151,7 @@ func newRaft(t *testing.T, id string, f *fsm.FSM) *raftNode {
 		require.NoError(t, r.Shutdown().Error())
 		_ = trans.Close()
 	})
-	require.Eventually(t, n.IsLeader, wait, poll, "the one-voter raft did not elect itself")
+	eventually(t, n.IsLeader, text("the one-voter raft did not elect itself"))
 	return n
 }
 
@@ -399,10 +435,10 @@ func (e *env) register(node, inc string) {
 func (e *env) waitStatus(what string, cond func(Status) bool) Status {
 	e.t.Helper()
 	var st Status
-	require.Eventually(e.t, func() bool {
+	eventually(e.t, func() bool {
 		st = e.sched.Status()
 		return cond(st)
-	}, wait, poll, "scheduler status: want %s, have %+v", what, e.sched.Status())
+	}, func() string { return fmt.Sprintf("scheduler status: want %s, have %+v", what, st) })
 	return st
 }
 
@@ -433,11 +469,13 @@ func (e *env) running(node string) []fsm.Assignment {
 func (e *env) waitAssigned(id int64, attempt int32) fsm.Assignment {
 	e.t.Helper()
 	var got fsm.Assignment
-	require.Eventually(e.t, func() bool {
+	eventually(e.t, func() bool {
 		a, ok := e.fsm.Get(id)
 		got = a
 		return ok && (attempt == 0 || a.Attempt == attempt)
-	}, wait, poll, "task %d attempt %d never assigned (FSM: %+v)", id, attempt, e.fsm.Assignments())
+	}, func() string {
+		return fmt.Sprintf("task %d attempt %d never assigned (FSM: %+v; row: %+v)", id, attempt, e.fsm.Assignments(), e.task(id))
+	})
 	return got
 }
 
@@ -445,17 +483,19 @@ func (e *env) waitAssigned(id int64, attempt int32) fsm.Assignment {
 func (e *env) waitCount(what string, n int, keep func(fsm.Assignment) bool) []fsm.Assignment {
 	e.t.Helper()
 	var got []fsm.Assignment
-	require.Eventually(e.t, func() bool {
+	eventually(e.t, func() bool {
 		got = e.assignments(keep)
 		return len(got) == n
-	}, wait, poll, "want %d assignments (%s), FSM has %+v", n, what, e.fsm.Assignments())
+	}, func() string {
+		return fmt.Sprintf("want %d assignments (%s), FSM has %+v", n, what, e.fsm.Assignments())
+	})
 	return got
 }
 
 // never asserts that cond stays false for the quiet period.
 func (e *env) never(what string, cond func() bool) {
 	e.t.Helper()
-	require.Never(e.t, cond, quiet, poll, what)
+	stays(e.t, cond, "%s", what)
 }
 
 func refsOf(as []fsm.Assignment) []pgstore.Ref {
@@ -479,24 +519,44 @@ func (e *env) startTasks(node string, as []fsm.Assignment) {
 // through Raft with the flags FinishTasks returned, as the executor does.
 func (e *env) finishTasks(node string, status pgstore.Status, as []fsm.Assignment) []pgstore.Finished {
 	e.t.Helper()
+	for _, a := range as {
+		require.Equal(e.t, node, a.Node)
+	}
+	return e.finishAcross(status, as)
+}
+
+// finishAcross is finishTasks for attempts of several nodes (each node writes
+// its own outcomes), with all the slots released in one Raft entry, so that
+// no dispatch pass sees some of them freed and not the others.
+func (e *env) finishAcross(status pgstore.Status, as []fsm.Assignment) []pgstore.Finished {
+	e.t.Helper()
 	if len(as) == 0 {
 		return nil
 	}
-	outs := make([]pgstore.Outcome, len(as))
-	for i, a := range as {
-		outs[i] = pgstore.Outcome{Ref: pgstore.Ref{TaskID: a.TaskID, Attempt: a.Attempt}, Status: status, At: time.Now()}
+	var all []pgstore.Finished
+	byNode := map[string][]pgstore.Outcome{}
+	var order []string
+	for _, a := range as {
+		if _, ok := byNode[a.Node]; !ok {
+			order = append(order, a.Node)
+		}
+		byNode[a.Node] = append(byNode[a.Node], pgstore.Outcome{
+			Ref: pgstore.Ref{TaskID: a.TaskID, Attempt: a.Attempt}, Status: status, At: time.Now()})
 	}
-	fin, err := e.store.FinishTasks(context.Background(), node, outs)
-	require.NoError(e.t, err)
-	items := make([]fsm.ReleaseItem, len(fin))
-	for i, f := range fin {
+	for _, node := range order {
+		fin, err := e.store.FinishTasks(context.Background(), node, byNode[node])
+		require.NoError(e.t, err)
+		all = append(all, fin...)
+	}
+	items := make([]fsm.ReleaseItem, len(all))
+	for i, f := range all {
 		items[i] = fsm.ReleaseItem{Ref: fsm.Ref{TaskID: f.TaskID, Attempt: f.Attempt}}
 		if f.Applied {
 			items[i].Yielded, items[i].HoldPool = f.Yielded, f.Yielded && f.HoldPool
 		}
 	}
 	e.apply(fsm.MsgRelease, fsm.Release{Items: items})
-	return fin
+	return all
 }
 
 // release gives back slots without an outcome (a node acknowledging a revoke).
@@ -576,10 +636,10 @@ func (e *env) task(id int64) taskRow {
 func (e *env) waitTask(id int64, what string, cond func(taskRow) bool) taskRow {
 	e.t.Helper()
 	var r taskRow
-	require.Eventually(e.t, func() bool {
+	eventually(e.t, func() bool {
 		r = e.task(id)
 		return cond(r)
-	}, wait, poll, "task %d: want %s, have %+v", id, what, e.task(id))
+	}, func() string { return fmt.Sprintf("task %d: want %s, have %+v", id, what, r) })
 	return r
 }
 
@@ -607,3 +667,32 @@ func perNode(as []fsm.Assignment) map[string]int {
 
 // errInjected is returned by fault-injecting raft adapters.
 var errInjected = errors.New("injected: raft apply timed out")
+
+// pushExprs pushes the async.task(...) expressions in one push_tasks call
+// (test-written SQL, never user input) and returns the ids in array order.
+func (e *env) pushExprs(exprs ...string) []int64 {
+	e.t.Helper()
+	rows, err := e.db.Query(context.Background(), `SELECT async.push_tasks(ARRAY[`+strings.Join(exprs, ", ")+`])`)
+	require.NoError(e.t, err)
+	out, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	require.NoError(e.t, err)
+	require.Len(e.t, out, len(exprs))
+	return out
+}
+
+// deadState returns when the scheduler first saw node dead (internal state).
+func (s *Scheduler) deadSince(node string) (time.Time, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t, ok := s.dead[node]
+	return t, ok
+}
+
+// settle waits until a dispatch pass has started after this call. Passes
+// run one at a time, so every later claim sees what the test changed before
+// (a pass already under way may still use the old node list).
+func (e *env) settle() {
+	e.t.Helper()
+	mark := e.clock.Now()
+	e.waitStatus("a new dispatch pass", func(s Status) bool { return s.LastPass.After(mark) })
+}

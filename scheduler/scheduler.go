@@ -214,45 +214,76 @@ func (s *Scheduler) Run(ctx context.Context) error {
 	}
 }
 
+// retryEvery is how long lead waits before establishing leadership again
+// after a failure.
+const retryEvery = 2 * time.Second
+
 // lead establishes leadership and runs the loops until ctx is cancelled.
 // If establishing fails it retries; it never dispatches without the
 // advisory lock and the term recorded in the server database.
 func (s *Scheduler) lead(ctx context.Context) {
-	term := s.cfg.Raft.Term()
-	log := s.log.With("term", term)
-	s.setStatus(func(st *Status) { *st = Status{Leading: true, Term: term, Reason: "establishing leadership"} })
-	var lease *pgstore.Leadership
-	for lease == nil {
-		var err error
-		lease, err = s.establish(ctx, term)
-		if err == nil {
-			break
+	// A new leadership cannot know how long a node has been dead: the node
+	// may have been alive while this node was not leading. LostAfter counts
+	// from this leadership's first sighting (an older one would resolve, and
+	// re-run or fail, a task its node may still be running).
+	s.mu.Lock()
+	s.dead = map[string]time.Time{}
+	s.mu.Unlock()
+	s.setStatus(func(st *Status) {
+		*st = Status{Leading: true, Term: s.cfg.Raft.Term(), Reason: "establishing leadership"}
+	})
+	// The loop stops when the lock session dies (Postgres restart, session
+	// killed) or the term is found stale. While this node still leads (ctx
+	// alive), establish again rather than wedge without dispatching.
+	for {
+		term, lease := s.establishRetry(ctx)
+		if lease == nil {
+			return
 		}
+		log := s.log.With("term", term)
+		log.Info("leadership established; dispatching")
+		s.setStatus(func(st *Status) { st.Term, st.Dispatching, st.Reason = term, true, "" })
+		err := s.loop(ctx, term, lease)
+		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		lease.Release(rctx)
+		cancel()
 		if ctx.Err() != nil {
 			return
+		}
+		log.Error("leader loop stopped; establishing leadership again", "error", err, "retry_in", retryEvery)
+		s.setStatus(func(st *Status) { st.Dispatching, st.Reason = false, err.Error() })
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(retryEvery):
+		}
+	}
+}
+
+// establishRetry establishes leadership, retrying until it succeeds (it
+// returns the term and the lease) or ctx is done (nil lease). The term is
+// read at every attempt: a term found stale is never retried as is.
+func (s *Scheduler) establishRetry(ctx context.Context) (uint64, *pgstore.Leadership) {
+	for {
+		term := s.cfg.Raft.Term()
+		lease, err := s.establish(ctx, term)
+		if err == nil {
+			return term, lease
+		}
+		if ctx.Err() != nil {
+			return 0, nil
 		}
 		reason := err.Error()
 		if errors.Is(err, pgstore.ErrLockHeld) {
 			reason = "not dispatching: " + err.Error()
 		}
-		log.Warn("cannot establish leadership; retrying", "error", err)
-		s.setStatus(func(st *Status) { st.Reason = reason })
+		s.log.Warn("cannot establish leadership; retrying", "term", term, "error", err)
+		s.setStatus(func(st *Status) { st.Term, st.Dispatching, st.Reason = term, false, reason })
 		select {
 		case <-ctx.Done():
-			return
-		case <-time.After(2 * time.Second):
+			return 0, nil
+		case <-time.After(retryEvery):
 		}
-	}
-	defer func() {
-		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		lease.Release(rctx)
-	}()
-	log.Info("leadership established; dispatching")
-	s.setStatus(func(st *Status) { st.Dispatching, st.Reason = true, "" })
-	if err := s.loop(ctx, term, lease); err != nil && ctx.Err() == nil {
-		log.Error("leader loop stopped", "error", err)
-		s.setStatus(func(st *Status) { st.Dispatching, st.Reason = false, err.Error() })
 	}
 }
 
@@ -271,7 +302,9 @@ func (s *Scheduler) establish(ctx context.Context, term uint64) (*pgstore.Leader
 	if err != nil {
 		return nil, fmt.Errorf("take leadership in the server database: %w", err)
 	}
-	if err := s.reconcile(ctx, term); err != nil {
+	// Server-database writes carry the lease's fencing token, which is
+	// larger than the Raft term if another cluster led the database before.
+	if err := s.reconcile(ctx, lease.Term()); err != nil {
 		rctx, c := context.WithTimeout(context.Background(), 5*time.Second)
 		lease.Release(rctx)
 		c()
@@ -297,8 +330,12 @@ func (s *Scheduler) clusterID(ctx context.Context) (string, error) {
 	return s.cfg.FSM.ClusterID(), nil
 }
 
-// loop is the leader's event loop.
+// loop is the leader's event loop. term is the Raft term (it stamps FSM
+// assignments); every server-database write carries the fencing token
+// fence = lease.Term() instead (equal to term unless another cluster led
+// the database before; pgstore rejects anything else as stale).
 func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leadership) error {
+	fence := lease.Term()
 	cfg, err := s.cfg.Store.LoadConfig(ctx)
 	if err != nil {
 		return fmt.Errorf("load config: %w", err)
@@ -318,7 +355,7 @@ func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leader
 				cfg, cfgAt = c, s.cfg.Now()
 			}
 		}
-		more, err := s.dispatch(ctx, term, cfg)
+		more, err := s.dispatch(ctx, term, fence, cfg)
 		if err != nil {
 			if errors.Is(err, pgstore.ErrStaleTerm) || ctx.Err() != nil {
 				return err
@@ -353,13 +390,18 @@ func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leader
 		case <-s.cfgc:
 			cfgAt = time.Time{}
 		case <-s.swp:
-			s.sweep(ctx, term)
+			s.sweep(ctx, fence)
 		case <-sweepT.C:
-			s.sweep(ctx, term)
-			s.maintain(ctx, term, cfg)
+			s.sweep(ctx, fence)
+			// A yielded task that keeps no pool slot has no assignment, so
+			// checkDeadlines cannot see it: look in the task log (D10).
+			s.timeOut(ctx, fence, s.cfg.Now())
+			if at, ok := s.maintain(ctx, fence, cfg); ok {
+				cfg.Control.LastHeavyMaintenance = &at
+			}
 		case <-checkT.C:
-			s.checkDeadlines(ctx, term)
-			s.checkLost(ctx, term)
+			s.checkDeadlines(ctx, fence)
+			s.checkLost(ctx, fence)
 		}
 	}
 }
@@ -377,7 +419,7 @@ func pollInterval(cfg pgstore.Config) time.Duration {
 
 // dispatch claims and assigns one batch. It reports whether the batch was
 // full (more work is likely waiting).
-func (s *Scheduler) dispatch(ctx context.Context, term uint64, cfg pgstore.Config) (bool, error) {
+func (s *Scheduler) dispatch(ctx context.Context, term, fence uint64, cfg pgstore.Config) (bool, error) {
 	if !cfg.Control.Enabled || cfg.Control.Paused {
 		reason := "paused (async.control.paused)"
 		if !cfg.Control.Enabled {
@@ -400,7 +442,7 @@ func (s *Scheduler) dispatch(ctx context.Context, term uint64, cfg pgstore.Confi
 		return false, nil
 	}
 	now := s.cfg.Now()
-	claimed, err := s.cfg.Store.ClaimTasks(ctx, pgstore.ClaimRequest{Term: term, Slots: slots, PoolRunning: counts.Pools, Now: now})
+	claimed, err := s.cfg.Store.ClaimTasks(ctx, pgstore.ClaimRequest{Term: fence, Slots: slots, PoolRunning: counts.Pools, Now: now})
 	if err != nil {
 		return false, fmt.Errorf("claim: %w", err)
 	}
@@ -415,8 +457,14 @@ func (s *Scheduler) dispatch(ctx context.Context, term uint64, cfg pgstore.Confi
 	}
 	res, err := s.apply(ctx, fsm.MsgAssign, fsm.Assign{Term: term, Items: items})
 	if err != nil {
-		// The claimed rows stay RUNNING-but-never-started in Postgres; the
-		// next leader's reconciliation puts them back in the queue.
+		// The claimed rows are RUNNING, not started, in Postgres. Sweeps and
+		// deadline checks only see assignments, so while this node leads
+		// nothing else would put them back: requeue those the FSM does not
+		// hold. Safe if the entry commits late after all: Unclaim skips
+		// started attempts, and a late assignment of a requeued attempt is
+		// fenced out at start, then swept. (If leadership was lost, the next
+		// leader's reconciliation requeues them.)
+		s.unclaimUncommitted(ctx, fence, claimed)
 		return false, fmt.Errorf("commit assignments: %w", err)
 	}
 	if len(res.Rejected) > 0 {
@@ -424,13 +472,30 @@ func (s *Scheduler) dispatch(ctx context.Context, term uint64, cfg pgstore.Confi
 		for i, r := range res.Rejected {
 			refs[i] = pgstore.Ref{TaskID: r.TaskID, Attempt: r.Attempt}
 		}
-		if err := s.cfg.Store.Unclaim(ctx, term, refs); err != nil {
+		if err := s.cfg.Store.Unclaim(ctx, fence, refs); err != nil {
 			return false, fmt.Errorf("unclaim rejected: %w", err)
 		}
 	}
 	n := uint64(len(claimed) - len(res.Rejected))
 	s.setStatus(func(st *Status) { st.Dispatched += n })
 	return len(claimed) == len(slots), nil
+}
+
+// unclaimUncommitted requeues the claims whose assignment is not in the FSM.
+func (s *Scheduler) unclaimUncommitted(ctx context.Context, term uint64, claimed []pgstore.Claimed) {
+	if ctx.Err() != nil {
+		return
+	}
+	var refs []pgstore.Ref
+	for _, c := range claimed {
+		if a, ok := s.cfg.FSM.Get(c.TaskID); ok && a.Attempt == c.Attempt {
+			continue
+		}
+		refs = append(refs, pgstore.Ref{TaskID: c.TaskID, Attempt: c.Attempt})
+	}
+	if err := s.cfg.Store.Unclaim(ctx, term, refs); err != nil {
+		s.log.Warn("requeue claims whose assignment was not committed", "error", err, "count", len(refs))
+	}
 }
 
 // buildSlots lists, for up to free slots, the node that takes each one:
@@ -531,7 +596,7 @@ func (s *Scheduler) sweep(ctx context.Context, term uint64) {
 		s.log.Warn("sweep: read task states", "error", err)
 		return
 	}
-	alive, incs := s.nodeState()
+	incs := s.cfg.FSM.Nodes()
 	var revoke []fsm.Ref
 	var release []fsm.ReleaseItem
 	for _, a := range as {
@@ -547,9 +612,15 @@ func (s *Scheduler) sweep(ctx context.Context, term uint64) {
 			}
 			continue
 		}
-		if a.External || a.Yielded || !owned(a, alive, incs) {
+		switch {
+		case a.External || a.Yielded || incs[a.Node].Incarnation != a.Incarnation:
+			// Nothing runs it: no node, or the node's process is gone.
 			release = append(release, fsm.ReleaseItem{Ref: a.Ref()})
-		} else if !a.Revoked {
+		case !a.Revoked:
+			// Its node stops it and releases the slot. A node that is only
+			// unreachable (not alive) may still be running the query: its
+			// slot stays held until checkLost declares it lost (LostAfter),
+			// else the limits could be exceeded (invariant 5).
 			revoke = append(revoke, a.Ref())
 		}
 	}
@@ -592,18 +663,26 @@ func (s *Scheduler) checkDeadlines(ctx context.Context, term uint64) {
 		}
 	}
 	if due {
-		refs, err := s.cfg.Store.TimeOutTasks(ctx, term, now)
-		if err != nil {
-			s.log.Warn("time out yielded/external tasks", "error", err)
-		} else if len(refs) > 0 {
-			items := make([]fsm.ReleaseItem, len(refs))
-			for i, r := range refs {
-				items[i] = fsm.ReleaseItem{Ref: fsm.Ref{TaskID: r.TaskID, Attempt: r.Attempt}}
-			}
-			s.commitRevokeRelease(ctx, nil, items)
-		}
+		s.timeOut(ctx, term, now)
 	}
 	s.commitRevokeRelease(ctx, revoke, nil)
+}
+
+// timeOut ends yielded and non-query tasks past their deadline as TIMED_OUT
+// (no node runs them) and releases the slots they held.
+func (s *Scheduler) timeOut(ctx context.Context, term uint64, now time.Time) {
+	refs, err := s.cfg.Store.TimeOutTasks(ctx, term, now)
+	if err != nil {
+		s.log.Warn("time out yielded/external tasks", "error", err)
+		return
+	}
+	var items []fsm.ReleaseItem
+	for _, r := range refs {
+		if a, ok := s.cfg.FSM.Get(r.TaskID); ok && a.Attempt == r.Attempt {
+			items = append(items, fsm.ReleaseItem{Ref: fsm.Ref{TaskID: r.TaskID, Attempt: r.Attempt}})
+		}
+	}
+	s.commitRevokeRelease(ctx, nil, items)
 }
 
 // checkLost resolves the attempts held by node processes that are gone:
@@ -619,14 +698,25 @@ func (s *Scheduler) checkLost(ctx context.Context, term uint64) {
 			s.dead[n.ID] = now
 		}
 	}
+	as := s.cfg.FSM.Assignments()
+	// A node holding slots but no longer listed at all is dead too: sweep
+	// leaves the slots of dead nodes to this check.
+	for _, a := range as {
+		if _, ok := s.dead[a.Node]; a.Node != "" && !alive[a.Node] && !ok {
+			s.dead[a.Node] = now
+		}
+	}
 	deadSince := make(map[string]time.Time, len(s.dead))
 	for k, v := range s.dead {
 		deadSince[k] = v
 	}
 	s.mu.Unlock()
 	byReason := map[string][]fsm.Assignment{}
-	for _, a := range s.cfg.FSM.Assignments() {
-		if a.External || a.Node == "" {
+	for _, a := range as {
+		// A yielded task runs on no node (it waits for async.finish): the
+		// loss of the node that yielded it must not free the pool slot it
+		// keeps (track_yielded). It ends by sweep or timeOut.
+		if a.External || a.Yielded || a.Node == "" {
 			continue
 		}
 		var reason string
@@ -683,7 +773,7 @@ func (s *Scheduler) reconcile(ctx context.Context, term uint64) error {
 		held[a.TaskID] = a
 	}
 	var unclaim []pgstore.Ref
-	var lost []pgstore.Ref
+	lost := map[string][]pgstore.Ref{} // by node
 	for _, t := range inflight {
 		if a, ok := held[t.TaskID]; ok && a.Attempt == t.Attempt {
 			continue
@@ -699,7 +789,7 @@ func (s *Scheduler) reconcile(ctx context.Context, term uint64) error {
 		if !t.Started {
 			unclaim = append(unclaim, ref)
 		} else {
-			lost = append(lost, ref)
+			lost[t.Node] = append(lost[t.Node], ref)
 		}
 	}
 	if len(unclaim) > 0 {
@@ -708,8 +798,11 @@ func (s *Scheduler) reconcile(ctx context.Context, term uint64) error {
 		}
 		s.log.Info("reconcile: requeued tasks claimed but never assigned", "count", len(unclaim))
 	}
-	if len(lost) > 0 {
-		if _, err := s.cfg.Store.ResolveLost(ctx, term, "the task was started without a recorded assignment (leader failover)", lost, s.cfg.Now()); err != nil {
+	// The reason names the node (D13): processing_error must say which
+	// node possibly ran the task.
+	for node, refs := range lost {
+		reason := fmt.Sprintf("node %s was lost while running the task (it was started without an assignment recorded by this cluster: leader failover)", node)
+		if _, err := s.cfg.Store.ResolveLost(ctx, term, reason, refs, s.cfg.Now()); err != nil {
 			return fmt.Errorf("resolve unassigned started tasks: %w", err)
 		}
 	}
@@ -718,19 +811,20 @@ func (s *Scheduler) reconcile(ctx context.Context, term uint64) error {
 	return nil
 }
 
-// maintain runs heavy maintenance (history purge) when due.
-func (s *Scheduler) maintain(ctx context.Context, term uint64, cfg pgstore.Config) {
+// maintain runs heavy maintenance (history purge) when due. It reports the
+// time of a run that completed, which the caller records in its config: a
+// run must not repeat because the config was not reloaded yet.
+func (s *Scheduler) maintain(ctx context.Context, term uint64, cfg pgstore.Config) (time.Time, bool) {
 	now := s.cfg.Now()
 	last := cfg.Control.LastHeavyMaintenance
 	if last != nil && now.Sub(*last) < cfg.Control.HeavyMaintenanceSleep {
-		return
+		return time.Time{}, false
 	}
 	n, err := s.cfg.Store.PurgeHistory(ctx, term, now)
 	if err != nil {
 		s.log.Warn("heavy maintenance", "error", err)
-		return
+		return time.Time{}, false
 	}
 	s.log.Info("heavy maintenance: purged finished tasks", "deleted", n)
-	// Make sure the next pass sees the new last_heavy_maintenance.
-	poke(s.cfgc)
+	return now, true
 }
