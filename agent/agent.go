@@ -206,7 +206,7 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	a.exec = exec
 	sched, err := scheduler.New(scheduler.Config{NodeID: a.cfg.NodeID, Store: store, Raft: node, FSM: a.fsm,
-		Nodes: a.nodes, Log: a.log, LostAfter: a.cfg.LostAfter})
+		Nodes: a.nodes, Log: a.log, LostAfter: a.cfg.LostAfter, StopOrphans: a.stopOrphans})
 	if err != nil {
 		store.Close()
 		return err
@@ -341,6 +341,43 @@ func (a *Agent) watchLease(ctx context.Context) {
 		}
 		expired = true
 	}
+}
+
+// stopOrphans ends, on the server database and every configured target,
+// the sessions of a lost node process, so its queries stop before its
+// tasks are re-run elsewhere.
+func (a *Agent) stopOrphans(ctx context.Context, node, incarnation string) error {
+	cfg, err := a.store.LoadConfig(ctx)
+	if err != nil {
+		return err
+	}
+	app := executor.AppName(node, incarnation)
+	seen := map[string]bool{}
+	var errs []error
+	total := 0
+	conns := []*string{nil} // the server database (SELF)
+	for _, t := range cfg.Targets {
+		conns = append(conns, t.ConnString)
+	}
+	for _, c := range conns {
+		key := "\x00self"
+		if c != nil {
+			key = *c
+		}
+		if seen[key] {
+			continue
+		}
+		seen[key] = true
+		n, err := a.exec.TerminateSessions(ctx, c, app)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		total += n
+	}
+	if total > 0 {
+		a.log.Warn("ended the target sessions of a lost node process", "node", node, "incarnation", incarnation, "sessions", total)
+	}
+	return errors.Join(errs...)
 }
 
 // beforeLeave drains the node when it is asked to leave the cluster.

@@ -170,7 +170,7 @@ func New(cfg Config, store Store, rep Reporter) (*Executor, error) {
 	if cfg.Incarnation == "" {
 		return nil, fmt.Errorf("%w: Incarnation is required", ErrInvalidConfig)
 	}
-	appName := "asyncnode/" + cfg.Node + "/" + cfg.Incarnation
+	appName := AppName(cfg.Node, cfg.Incarnation)
 	if len(appName) > maxAppNameLen {
 		return nil, fmt.Errorf("%w: application_name %q is longer than %d bytes (shorten Node or Incarnation)",
 			ErrInvalidConfig, appName, maxAppNameLen)
@@ -222,6 +222,10 @@ func New(cfg Config, store Store, rep Reporter) (*Executor, error) {
 		targets:    make(map[string]*target),
 	}, nil
 }
+
+// AppName is the application_name the executor of node process
+// (node, incarnation) gives its target connections.
+func AppName(node, incarnation string) string { return "asyncnode/" + node + "/" + incarnation }
 
 // ApplicationName is the application_name of every connection this
 // executor opens to a target: "asyncnode/<node>/<incarnation>".

@@ -183,7 +183,7 @@ func TestClaimPlanIgnoresHistory(t *testing.T) {
 	push(t, c, "SELF", 100, "select 1")
 	exec(t, c, `ANALYZE async.task`)
 	var plan string
-	rows, err := c.Query(ctx, "EXPLAIN "+claimSQL(t), time.Now(), slots(1000), []string{}, []int32{})
+	rows, err := c.Query(ctx, "EXPLAIN "+claimSQL(t), time.Now(), slots(1000), []string{}, []int32{}, []int64{})
 	require.NoError(t, err)
 	for rows.Next() {
 		var line string
@@ -779,4 +779,24 @@ func TestAnotherClusterTakesOverWithALargerToken(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, uint64(12), a2.Term(), "tokens only grow, whichever cluster leads")
 	require.NoError(t, a2.Release(ctx))
+}
+
+// The claim itself honours pause/enabled (its own snapshot, whatever the
+// leader last read) and skips excluded tasks (D15).
+func TestClaimHonoursPauseAndExclude(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	takeLead(t, s, 1)
+	ids := push(t, c, "SELF", 2, "select 1")
+	exec(t, c, `SELECT async.pause()`)
+	require.Empty(t, claim(t, s, 1, 4, nil), "paused")
+	exec(t, c, `SELECT async.resume()`)
+	exec(t, c, `UPDATE async.control SET enabled = false`)
+	require.Empty(t, claim(t, s, 1, 4, nil), "disabled")
+	exec(t, c, `UPDATE async.control SET enabled = true`)
+	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots(4), Now: time.Now(), Exclude: []int64{ids[0]}})
+	require.NoError(t, err)
+	require.Len(t, cl, 1)
+	require.Equal(t, ids[1], cl[0].TaskID)
 }

@@ -46,9 +46,13 @@ func (s *Store) ClaimTasks(ctx context.Context, req ClaimRequest) ([]Claimed, er
 	for i, n := range names {
 		running[i] = int32(req.PoolRunning[n])
 	}
+	exclude := req.Exclude
+	if exclude == nil {
+		exclude = []int64{}
+	}
 	var out []Claimed
 	err := s.fenced(ctx, "claim tasks", req.Term, func(b *pgx.Batch) {
-		b.Queue(qClaimTasks, req.Now, req.Slots, names, running).Query(func(rows pgx.Rows) error {
+		b.Queue(qClaimTasks, req.Now, req.Slots, names, running, exclude).Query(func(rows pgx.Rows) error {
 			for rows.Next() {
 				var c Claimed
 				if err := rows.Scan(&c.TaskID, &c.Attempt, &c.Node, &c.Pool, &c.Target, &c.Deadline, &c.External); err != nil {

@@ -81,6 +81,9 @@ type ClaimRequest struct {
 	// a pool's free room is its limit minus this.
 	PoolRunning map[string]int
 	Now         time.Time
+	// Exclude lists tasks that must not be claimed now: their previous
+	// attempt still holds its slot (revoked, its node has not let go yet).
+	Exclude []int64
 }
 
 // Claimed is one task the leader claimed: in Postgres it is now RUNNING

@@ -74,6 +74,13 @@ type Config struct {
 	// RevokeGrace is how long past its deadline an attempt may hold its slot
 	// before the leader revokes it (its node normally times it out itself).
 	RevokeGrace time.Duration
+	// StopOrphans, when set, ends on every target the sessions of a node
+	// process (node id, incarnation) before its attempts are resolved as
+	// lost, so that a query of a lost-but-alive process (frozen,
+	// partitioned) does not keep running while its task is re-run. Errors
+	// are logged; resolution goes on (an unreachable target cannot run the
+	// orphan either).
+	StopOrphans func(ctx context.Context, node, incarnation string) error
 	// LostAfter is how long a node must be dead before its attempts are
 	// resolved as lost (it covers the node's own lease; default 0 for
 	// incarnation changes, which are certain).
@@ -275,7 +282,7 @@ func (s *Scheduler) establishRetry(ctx context.Context) (uint64, *pgstore.Leader
 		}
 		reason := err.Error()
 		if errors.Is(err, pgstore.ErrLockHeld) {
-			reason = "not dispatching: " + err.Error()
+			reason = "another cluster leads this server database: " + err.Error()
 		}
 		s.log.Warn("cannot establish leadership; retrying", "term", term, "error", err)
 		s.setStatus(func(st *Status) { st.Term, st.Dispatching, st.Reason = term, false, reason })
@@ -363,15 +370,25 @@ func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leader
 			s.log.Warn("dispatch pass failed", "error", err)
 		}
 		if more {
-			// A full batch: there may be more work; yield briefly to events.
+			// A full batch: there may be more work. The periodic duties
+			// still run when due, so a busy queue cannot starve them.
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
 			case <-lease.Lost():
 				return errors.New("lost the server-database leadership session")
+			case <-s.cfgc:
+				cfgAt = time.Time{}
+			case <-s.swp:
+				s.sweep(ctx, fence)
+			case <-sweepT.C:
+				s.periodic(ctx, fence, &cfg)
+			case <-checkT.C:
+				s.checkDeadlines(ctx, fence)
+				s.checkLost(ctx, fence)
 			default:
-				continue
 			}
+			continue
 		}
 		if !idle.Stop() {
 			select {
@@ -392,17 +409,22 @@ func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leader
 		case <-s.swp:
 			s.sweep(ctx, fence)
 		case <-sweepT.C:
-			s.sweep(ctx, fence)
-			// A yielded task that keeps no pool slot has no assignment, so
-			// checkDeadlines cannot see it: look in the task log (D10).
-			s.timeOut(ctx, fence, s.cfg.Now())
-			if at, ok := s.maintain(ctx, fence, cfg); ok {
-				cfg.Control.LastHeavyMaintenance = &at
-			}
+			s.periodic(ctx, fence, &cfg)
 		case <-checkT.C:
 			s.checkDeadlines(ctx, fence)
 			s.checkLost(ctx, fence)
 		}
+	}
+}
+
+// periodic runs the sweep, the task-log time-outs and maintenance.
+func (s *Scheduler) periodic(ctx context.Context, fence uint64, cfg *pgstore.Config) {
+	s.sweep(ctx, fence)
+	// A yielded task that keeps no pool slot has no assignment, so
+	// checkDeadlines cannot see it: look in the task log (D10).
+	s.timeOut(ctx, fence, s.cfg.Now())
+	if at, ok := s.maintain(ctx, fence, *cfg); ok {
+		cfg.Control.LastHeavyMaintenance = &at
 	}
 }
 
@@ -442,7 +464,16 @@ func (s *Scheduler) dispatch(ctx context.Context, term, fence uint64, cfg pgstor
 		return false, nil
 	}
 	now := s.cfg.Now()
-	claimed, err := s.cfg.Store.ClaimTasks(ctx, pgstore.ClaimRequest{Term: fence, Slots: slots, PoolRunning: counts.Pools, Now: now})
+	// A task whose revoked attempt still holds its slot (cancelled, paused
+	// or deferred while running) is not claimed again until its node lets
+	// go: the FSM would refuse the new assignment anyway.
+	var exclude []int64
+	for _, a := range s.cfg.FSM.Assignments() {
+		if a.Revoked {
+			exclude = append(exclude, a.TaskID)
+		}
+	}
+	claimed, err := s.cfg.Store.ClaimTasks(ctx, pgstore.ClaimRequest{Term: fence, Slots: slots, PoolRunning: counts.Pools, Now: now, Exclude: exclude})
 	if err != nil {
 		return false, fmt.Errorf("claim: %w", err)
 	}
@@ -728,14 +759,36 @@ func (s *Scheduler) checkLost(ctx context.Context, term uint64) {
 			if !ok || now.Sub(since) < s.cfg.LostAfter {
 				continue
 			}
-			reason = fmt.Sprintf("node %s was lost while running the task (no contact since %s)", a.Node, since.UTC().Format(time.RFC3339))
+			reason = fmt.Sprintf("node %s was lost while running the task (declared dead at %s)", a.Node, since.UTC().Format(time.RFC3339))
 		default:
 			continue
 		}
 		byReason[reason] = append(byReason[reason], a)
 	}
 	for reason, list := range byReason {
+		s.stopOrphans(ctx, list)
 		s.resolveLost(ctx, term, reason, list, now)
+	}
+}
+
+// stopOrphans ends the target sessions of the node processes behind list.
+func (s *Scheduler) stopOrphans(ctx context.Context, list []fsm.Assignment) {
+	if s.cfg.StopOrphans == nil {
+		return
+	}
+	type proc struct{ node, inc string }
+	seen := map[proc]bool{}
+	for _, a := range list {
+		p := proc{a.Node, a.Incarnation}
+		if seen[p] || p.inc == "" {
+			continue
+		}
+		seen[p] = true
+		octx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if err := s.cfg.StopOrphans(octx, p.node, p.inc); err != nil {
+			s.log.Warn("could not end the target sessions of a lost node process", "node", p.node, "incarnation", p.inc, "error", err)
+		}
+		cancel()
 	}
 }
 

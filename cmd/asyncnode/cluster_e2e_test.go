@@ -373,3 +373,89 @@ func TestNonVoterRunsTasks(t *testing.T) {
 	require.Equal(t, 0, code)
 	require.Regexp(t, `(?m)^`+nonvoter+`\s+nonvoter\s+alive`, out)
 }
+
+// TestFrozenNodeIsFencedOnTheTarget freezes a follower (SIGSTOP) while it
+// runs tasks: the leader declares it lost, ends its sessions on the target,
+// and only then re-runs its tasks elsewhere; at no instant do two runs of
+// one task overlap on the target. When the node resumes it writes nothing
+// for the attempts it lost.
+func TestFrozenNodeIsFencedOnTheTarget(t *testing.T) {
+	dsn := newDB(t)
+	initDB(t, dsn)
+	db := pool(t, dsn)
+	ctx := context.Background()
+	_, err := db.Exec(ctx, `create table runs(task_id bigint primary key)`)
+	require.NoError(t, err)
+	// The first run sleeps a minute; a re-run sleeps two seconds, long
+	// enough that an overlap with a still-running first run is seen.
+	_, err = db.Exec(ctx, `create function run_once(id bigint) returns void language plpgsql as $$
+	begin
+	  if exists (select 1 from runs where task_id = id) then perform pg_sleep(2); return; end if;
+	  perform pg_sleep(60);
+	end $$`)
+	require.NoError(t, err)
+	_, err = db.Exec(ctx, `select async.configure($1::jsonb)`, fmt.Sprintf(
+		`{"targets":[{"target":"again","connection_string":%q,"max_concurrency":9,"max_retries":1}]}`, dsn))
+	require.NoError(t, err)
+	nodes := startCluster(t, dsn, 3, "--lost-after", "3s")
+	leader := leaderOf(t, nodes)
+	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select run_once(##flow.TASK_ID##)', 'again'))) from generate_series(1, 6)`)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		var active int
+		_ = db.QueryRow(ctx, `select count(*) from pg_stat_activity where application_name like 'asyncnode/%' and query like 'select run_once%'`).Scan(&active)
+		return active == 6
+	}, 60*time.Second, 20*time.Millisecond, "the six tasks never ran at once")
+	var victim *node
+	var victimTasks int
+	for _, nd := range nodesExcept(nodes, leader) {
+		_ = db.QueryRow(ctx, `select count(*) from async.task where node = $1 and processed is null`, nd.id).Scan(&victimTasks)
+		if victimTasks > 0 {
+			victim = nd
+			break
+		}
+	}
+	require.NotNil(t, victim, "no follower runs a task")
+	_, err = db.Exec(ctx, `insert into runs select task_id from async.task where node = $1 and processed is null`, victim.id)
+	require.NoError(t, err)
+	victim.signal(syscall.SIGSTOP)
+	t.Cleanup(func() {
+		if victim.cmd != nil {
+			_ = victim.cmd.Process.Signal(syscall.SIGCONT)
+		}
+	})
+
+	// Watch the target until the victim's tasks were re-run and finished.
+	overlaps := 0
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		var dup int
+		require.NoError(t, db.QueryRow(ctx, `select count(*) from (select query from pg_stat_activity
+			where application_name like 'asyncnode/%' and query like 'select run_once%' and state = 'active'
+			group by query having count(*) > 1) d`).Scan(&dup))
+		overlaps += dup
+		var rerun int
+		require.NoError(t, db.QueryRow(ctx, `select count(*) from async.task t join runs r using (task_id)
+			where t.finish_status = 'FINISHED' and t.retries = 1`).Scan(&rerun))
+		if rerun == victimTasks {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "the frozen node's %d tasks were not re-run (%d so far)", victimTasks, rerun)
+		time.Sleep(20 * time.Millisecond)
+	}
+	require.Zero(t, overlaps, "two runs of one task overlapped on the target")
+	var left int
+	require.NoError(t, db.QueryRow(ctx, `select count(*) from pg_stat_activity where application_name like $1`,
+		"asyncnode/"+victim.id+"/%").Scan(&left))
+	require.Zero(t, left, "the frozen node's sessions are gone from the target")
+
+	// It resumes: nothing it writes changes the re-run tasks.
+	victim.signal(syscall.SIGCONT)
+	var before string
+	require.NoError(t, db.QueryRow(ctx, `select string_agg(task_id || ':' || attempt || ':' || finish_status, ',' order by task_id) from async.task t join runs using (task_id)`).Scan(&before))
+	require.Eventually(t, func() bool { _, err := victim.status(); return err == nil }, 30*time.Second, 50*time.Millisecond,
+		"the resumed node does not answer")
+	var after string
+	require.NoError(t, db.QueryRow(ctx, `select string_agg(task_id || ':' || attempt || ':' || finish_status, ',' order by task_id) from async.task t join runs using (task_id)`).Scan(&after))
+	require.Equal(t, before, after)
+}

@@ -4,13 +4,18 @@
 --   $2 slots: the node of each free global worker slot (text[]); its length
 --      is the global limit, the i-th claimed query task goes to $2[i]
 --   $3, $4 pool names and the slots they hold now (text[], int[])
+--   $5 task ids not to claim now (bigint[]: their old attempt still holds a slot)
 -- Pools with READY rows are found by a loose index scan (recursive CTE) over
 -- task_ready_idx; each pool then reads at most its free room from the same
 -- index. Finished history is never touched.
 WITH RECURSIVE
 ctl AS (
+  -- Nothing is claimed while paused or disabled, as seen by this
+  -- statement's own snapshot: a task pushed after async.pause() committed
+  -- never starts, whatever configuration the leader last read (D15).
   SELECT c.default_concurrency_pool_workers AS pool_default, c.default_timeout
     FROM async.control c
+   WHERE c.enabled AND NOT c.paused
    LIMIT 1),
 pools AS (
   SELECT (SELECT t.concurrency_pool FROM async.task t
@@ -43,6 +48,7 @@ cand AS (
       WHERE t.concurrency_pool = room.pool
         AND t.consumed IS NULL AND t.processed IS NULL AND t.yielded IS NULL
         AND (t.eligible_when IS NULL OR t.eligible_when <= $1::timestamptz)
+        AND t.task_id <> ALL($5::bigint[])
       ORDER BY t.priority, t.entered, t.task_id
       LIMIT greatest(room.n, 0)
         FOR UPDATE OF t SKIP LOCKED) c),
