@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"flag"
@@ -10,6 +12,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -297,24 +300,52 @@ func (c *apiClient) do(ctx context.Context, method, path string, body, out any) 
 	return nil
 }
 
-func apiFlags(fs *flag.FlagSet) (addr, token *string) {
-	addr = fs.String("http-addr", "127.0.0.1:7700", "node API address host:port")
-	token = fs.String("token", "", "node API token")
-	return addr, token
+// apiOpts are the flags of the commands that call a node's API.
+type apiOpts struct{ addr, token, tlsCA string }
+
+func apiFlags(fs *flag.FlagSet) *apiOpts {
+	o := &apiOpts{}
+	fs.StringVar(&o.addr, "http-addr", "127.0.0.1:7700", "node API address host:port")
+	fs.StringVar(&o.token, "token", "", "node API token")
+	fs.StringVar(&o.tlsCA, "tls-ca", "", "CA bundle (PEM) that a node API served over TLS must chain to; implies https")
+	return o
+}
+
+// client validates the flags and returns a client for the node API.
+func (o *apiOpts) client() (*apiClient, error) {
+	if err := checkAddr("http-addr", o.addr, false); err != nil {
+		return nil, err
+	}
+	c := newAPIClient(o.addr, o.token)
+	if o.tlsCA == "" {
+		return c, nil
+	}
+	pem, err := os.ReadFile(o.tlsCA)
+	if err != nil {
+		return nil, usagef("--tls-ca: %v", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return nil, usagef("--tls-ca %s holds no PEM certificate", o.tlsCA)
+	}
+	c.base = "https://" + o.addr
+	c.http.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}}
+	return c, nil
 }
 
 func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
 	fs := newFlagSet("status", stdout, "asyncnode status: leader, members, pools, queue depth and recent failures")
-	addr, token := apiFlags(fs)
+	api := apiFlags(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	if err := parse(fs, args, env); err != nil {
 		return err
 	}
-	if err := checkAddr("http-addr", *addr, false); err != nil {
+	c, err := api.client()
+	if err != nil {
 		return err
 	}
 	var rep agent.StatusReport
-	if err := newAPIClient(*addr, *token).do(ctx, http.MethodGet, "/v1/status", nil, &rep); err != nil {
+	if err := c.do(ctx, http.MethodGet, "/v1/status", nil, &rep); err != nil {
 		return err
 	}
 	if *asJSON {
@@ -379,8 +410,12 @@ func printStatus(w io.Writer, rep agent.StatusReport) {
 
 func cmdJoin(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
 	fs := newFlagSet("join", stdout, "asyncnode join --http-addr LOCAL ADDR...: ask the running node at LOCAL to join the members at gossip ADDR")
-	addr, token := apiFlags(fs)
+	api := apiFlags(fs)
 	if err := parse(fs, args, env); err != nil {
+		return err
+	}
+	c, err := api.client()
+	if err != nil {
 		return err
 	}
 	if fs.NArg() == 0 {
@@ -391,7 +426,7 @@ func cmdJoin(ctx context.Context, args []string, stdout, stderr io.Writer, env f
 			return err
 		}
 	}
-	if err := newAPIClient(*addr, *token).do(ctx, http.MethodPost, "/v1/join", map[string]any{"addrs": fs.Args()}, nil); err != nil {
+	if err := c.do(ctx, http.MethodPost, "/v1/join", map[string]any{"addrs": fs.Args()}, nil); err != nil {
 		return err
 	}
 	fmt.Fprintln(stdout, "joined")
@@ -400,7 +435,7 @@ func cmdJoin(ctx context.Context, args []string, stdout, stderr io.Writer, env f
 
 func cmdLeave(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
 	fs := newFlagSet("leave", stdout, "asyncnode leave --http-addr LOCAL: leave the cluster gracefully (running tasks finish first, bounded by the node's --shutdown-timeout)")
-	addr, token := apiFlags(fs)
+	api := apiFlags(fs)
 	timeout := fs.Duration("timeout", 15*time.Minute, "how long to wait for the node to drain and leave")
 	if err := parse(fs, args, env); err != nil {
 		return err
@@ -410,7 +445,10 @@ func cmdLeave(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	c := newAPIClient(*addr, *token)
+	c, err := api.client()
+	if err != nil {
+		return err
+	}
 	c.http.Timeout = 0 // bounded by ctx: draining may take a while
 	if err := c.do(ctx, http.MethodPost, "/v1/leave", nil, nil); err != nil {
 		return err
