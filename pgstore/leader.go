@@ -64,7 +64,7 @@ func (s *Store) TakeLeadership(ctx context.Context, term uint64, node, clusterID
 		return nil, err
 	}
 	go l.watch()
-	s.log.Info("took leadership of the server database", "term", term, "node", node, "lock", l.key, "pid", l.pid)
+	s.log.Info("took leadership of the server database", "term", term, "leader", node, "lock", l.key, "pid", l.pid)
 	return l, nil
 }
 

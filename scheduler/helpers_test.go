@@ -125,6 +125,8 @@ type raftNode struct {
 	// failApply, when set, is asked before each Apply; a non-nil error is
 	// returned without submitting the command (fault injection).
 	failApply func(cmd []byte) error
+	// termBump is added to the real term (simulated newer terms).
+	termBump uint64
 }
 
 func newRaft(t *testing.T, id string, f *fsm.FSM) *raftNode {
@@ -231,7 +233,18 @@ func (n *raftNode) Apply(ctx context.Context, cmd []byte) ([]byte, error) {
 	}
 }
 
-func (n *raftNode) Term() uint64 { return n.r.CurrentTerm() }
+func (n *raftNode) Term() uint64 {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.r.CurrentTerm() + n.termBump
+}
+
+// bumpTerm makes Term report d more (a simulated newer term).
+func (n *raftNode) bumpTerm(d uint64) {
+	n.mu.Lock()
+	n.termBump += d
+	n.mu.Unlock()
+}
 
 func (n *raftNode) Barrier(ctx context.Context) error {
 	return waitFuture(ctx, n.r.Barrier(timeoutOf(ctx)))

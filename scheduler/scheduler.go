@@ -192,10 +192,12 @@ func (s *Scheduler) Run(ctx context.Context) error {
 		s.setStatus(func(st *Status) { *st = Status{} })
 	}
 	defer stop()
+	var startTerm uint64 // Raft term when the running loop started
 	start := func() {
 		if cancel != nil {
 			return
 		}
+		startTerm = s.cfg.Raft.Term()
 		var lctx context.Context
 		lctx, cancel = context.WithCancel(ctx)
 		done = make(chan struct{})
@@ -213,7 +215,14 @@ func (s *Scheduler) Run(ctx context.Context) error {
 			return ctx.Err()
 		case leader := <-s.cfg.Raft.LeaderCh():
 			if leader {
-				start()
+				// "Leader" in a newer term while a loop runs means leadership
+				// was lost and regained without this loop seeing the loss
+				// (the channel keeps only the latest change): establish
+				// again (barrier, lock, reconcile) for the new term.
+				if cancel == nil || s.cfg.Raft.Term() != startTerm {
+					stop()
+					start()
+				}
 			} else {
 				stop()
 			}

@@ -694,3 +694,18 @@ func TestNonQueryTasksFetchedByGetTasks(t *testing.T) {
 	require.Equal(t, 1, pools["xa"])
 	require.Equal(t, 1, pools["x"])
 }
+
+// Leadership lost and regained in a newer term, seen only as "leader"
+// again (the loss was coalesced away): the scheduler establishes again for
+// the new term instead of going on with the old one.
+func TestRegainedLeadershipInNewTermReestablishes(t *testing.T) {
+	e := newEnv(t)
+	e.start()
+	e.waitDispatching()
+	old := e.sched.Status().Term
+	e.raft.bumpTerm(5)
+	e.raft.signal(true)
+	e.waitStatus("re-established in the new term", func(s Status) bool { return s.Dispatching && s.Term == old+5 })
+	p := e.push("SELF", 1, "select 1")
+	e.waitAssigned(p[0], 1)
+}
