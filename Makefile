@@ -23,7 +23,8 @@ test: ## all tests (real PostgreSQL, real Raft), with the race detector
 	$(GO) test -race -timeout 40m ./...
 
 failover: ## failover figures: kill -9 the leader of a 3-node cluster 10 times under load (no -race)
-	ASYNCNODE_FAILOVER_ROUNDS=$${ROUNDS:-10} $(GO) test -count=1 -v -timeout 30m -run TestFailoverFigures ./cmd/asyncnode/ | grep -E '^(failover|---|ok|FAIL)'
+	@out=$$(mktemp); ASYNCNODE_FAILOVER_ROUNDS=$${ROUNDS:-10} $(GO) test -count=1 -v -timeout 30m -run TestFailoverFigures ./cmd/asyncnode/ > $$out 2>&1; rc=$$?; \
+	grep -E '^(failover|---|ok|FAIL)' $$out; [ $$rc -eq 0 ] || tail -50 $$out; rm -f $$out; exit $$rc
 
 lint: ## gofmt + go vet
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || (gofmt -l $$(git ls-files '*.go'); exit 1)
