@@ -34,6 +34,10 @@ type MemberStatus struct {
 	cluster.Member
 	Running  int  `json:"running"`
 	Draining bool `json:"draining"`
+	// Registered is true once the node announced itself through Raft (for
+	// a restarted node, possibly its previous process): the leader gives
+	// tasks only to registered nodes.
+	Registered bool `json:"registered"`
 }
 
 // PoolStatus is one concurrency pool.
@@ -75,7 +79,8 @@ func (a *Agent) Status(ctx context.Context) StatusReport {
 	counts := a.fsm.Counts()
 	regs := a.fsm.Nodes()
 	for _, m := range a.node.Members() {
-		rep.Members = append(rep.Members, MemberStatus{Member: m, Running: counts.PerNode[m.ID], Draining: regs[m.ID].Draining})
+		rep.Members = append(rep.Members, MemberStatus{Member: m, Running: counts.PerNode[m.ID], Draining: regs[m.ID].Draining,
+			Registered: regs[m.ID].Incarnation != ""})
 	}
 	cfg, err := a.store.LoadConfig(ctx)
 	if err != nil {

@@ -270,8 +270,10 @@ func (e *Executor) Submit(work []Work) {
 
 // Revoke stops the given attempts if they are queued or running here: a
 // queued one is dropped, a running one has its query cancelled (escalating to
-// termination like a timeout). No outcome is written for them (someone else
-// already decided), but each is reported Done once its query has stopped.
+// termination like a timeout). A revoked attempt writes no outcome of its
+// own (someone else decided) unless it already had a result or ran past its
+// deadline (then TIMED_OUT); such writes are fenced. Each is reported Done
+// once its query has stopped.
 // An attempt whose outcome is already known here is not affected (its write
 // is fenced in the server database). It never blocks.
 func (e *Executor) Revoke(refs []pgstore.Ref) {

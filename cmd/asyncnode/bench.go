@@ -54,7 +54,7 @@ type bench struct {
 func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
 	fs := newFlagSet("bench", stdout, "asyncnode bench: measure throughput and latency against the machine's own limit")
 	var f benchFlags
-	fs.StringVar(&f.dsn, "bench-dsn", "", "server database to benchmark in (it must hold no tasks; default: a throwaway PostgreSQL)")
+	fs.StringVar(&f.dsn, "bench-dsn", "", "server database to benchmark in (it must hold no tasks; bench sets control.workers and SELF's limit to 1000 there; default: a throwaway PostgreSQL)")
 	fs.IntVar(&f.nodes, "nodes", 1, "nodes for the throughput and latency figures (1 or more; 3 adds a second round on 3 nodes when 1 is given with --scale-out)")
 	fs.IntVar(&f.tasks, "tasks", 20000, "trivial tasks pushed in one statement for the throughput figure")
 	fs.IntVar(&f.clients, "clients", 4, "connections for the continuous push and the round-trip limit")
@@ -65,7 +65,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	fs.IntVar(&f.sleepTasks, "sleep-tasks", 600, "pg_sleep(0.05) tasks for the scale-out figure")
 	fs.IntVar(&f.perNode, "per-node", 8, "tasks each node runs at once in the scale-out figure (--max-tasks)")
 	fs.IntVar(&f.profileSeconds, "profile-seconds", 0, "with --profile-dir: CPU-profile every node for this long during the throughput figure")
-	fs.StringVar(&f.profileDir, "profile-dir", "", "where to write CPU profiles (node<N>.cpu.prof)")
+	fs.StringVar(&f.profileDir, "profile-dir", "", "where to write CPU profiles (<node>.<figure>.cpu.prof)")
 	fs.StringVar(&f.logLevel, "log-level", "warn", "node log level (logs go to files)")
 	if err := parse(fs, args, env); err != nil {
 		return err
@@ -138,7 +138,14 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	if b.dir, err = os.MkdirTemp("", "asyncnode-bench-"); err != nil {
 		return err
 	}
-	defer os.RemoveAll(b.dir)
+	ok := false
+	defer func() {
+		if ok {
+			os.RemoveAll(b.dir)
+		} else {
+			fmt.Fprintf(b.out, "bench: node logs kept in %s\n", b.dir)
+		}
+	}()
 	// Generous limits: the figures measure the machinery, not a pool cap.
 	if _, err := b.db.Exec(ctx, `select async.configure('{"control":{"workers":1000},"targets":[{"target":"SELF","max_concurrency":1000}]}')`); err != nil {
 		return err
@@ -186,7 +193,8 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 			parts = append(parts, fmt.Sprintf("%s=%s", k, num(v)))
 		}
 	}
-	fmt.Fprintf(b.out, "bench summary nodes=%d %s\n", b.nodes, strings.Join(parts, " "))
+	fmt.Fprintf(b.out, "bench summary nodes=%d %s\n", b.f.nodes, strings.Join(parts, " "))
+	ok = true
 	return nil
 }
 
@@ -251,7 +259,9 @@ func (b *bench) waitDrained(ctx context.Context, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
 	for {
 		var left int64
-		if err := b.db.QueryRow(ctx, "select count(*) from async.task where processed is null").Scan(&left); err != nil {
+		// Both halves match a partial index: cheap with a large history.
+		if err := b.db.QueryRow(ctx, `select (select count(*) from async.task where consumed is null and processed is null and yielded is null)
+			+ (select count(*) from async.task where processed is null and (consumed is not null or yielded is not null))`).Scan(&left); err != nil {
 			return err
 		}
 		if left == 0 {

@@ -46,11 +46,12 @@ func waitMembers(t *testing.T, nodes []*node, want int) {
 			}
 			alive := 0
 			for _, m := range rep.Members {
-				if m.Health == "alive" {
+				// Registered: the leader can give it tasks.
+				if m.Health == "alive" && m.Registered {
 					alive++
 				}
 			}
-			last = fmt.Sprintf("%s sees %d members, %d alive, leader %q", nd.id, len(rep.Members), alive, rep.Leader)
+			last = fmt.Sprintf("%s sees %d members, %d alive and registered, leader %q", nd.id, len(rep.Members), alive, rep.Leader)
 			return alive == want && rep.Leader != ""
 		}
 		return false

@@ -351,9 +351,12 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer, env
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(rep)
+		if err := enc.Encode(rep); err != nil {
+			return err
+		}
+	} else {
+		printStatus(stdout, rep)
 	}
-	printStatus(stdout, rep)
 	if len(rep.Errors) > 0 {
 		return fmt.Errorf("the node reported %d error(s) (shown above)", len(rep.Errors))
 	}
