@@ -62,6 +62,15 @@ numbered AS (
          row_number() OVER (PARTITION BY picked.external
                             ORDER BY picked.priority, picked.entered, picked.task_id) AS qpos
     FROM picked),
+-- The update reads the claimed ids from arrays, not from a join with
+-- "numbered": a generic plan guesses thousands of rows for that join and
+-- hashes a sequential scan of the whole task table (history included);
+-- unnest() is guessed small, so every id is one task_pkey lookup.
+ids AS (
+  SELECT array_agg(n.task_id ORDER BY n.task_id) AS task_ids,
+         array_agg(CASE WHEN n.external THEN NULL ELSE ($2::text[])[n.qpos::int] END ORDER BY n.task_id) AS nodes,
+         array_agg(n.external ORDER BY n.task_id) AS externals
+    FROM numbered n),
 upd AS (
   UPDATE async.task t SET
     attempt = t.attempt + 1,
@@ -70,9 +79,9 @@ upd AS (
     times_up = $1::timestamptz + coalesce(t.manual_timeout,
                                           (SELECT tg.default_timeout FROM async.target tg WHERE tg.target = t.target),
                                           (SELECT ctl.default_timeout FROM ctl)),
-    node = CASE WHEN n.external THEN NULL ELSE ($2::text[])[n.qpos::int] END,
+    node = n.node,
     tracked = true
-    FROM numbered n
+    FROM ids CROSS JOIN LATERAL unnest(ids.task_ids, ids.nodes, ids.externals) AS n(task_id, node, external)
    WHERE t.task_id = n.task_id
   RETURNING t.task_id, t.attempt, t.node, t.concurrency_pool, t.target, t.times_up, n.external,
             t.priority, t.entered)

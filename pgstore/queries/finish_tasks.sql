@@ -5,6 +5,11 @@
 -- cut off from the leader (D13): re-queued if it never started or allows
 -- another retry (which it then uses up), else FAILED with the given error.
 -- $1 node, $2 task ids, $3 attempts, $4 statuses, $5 errors, $6 times.
+-- The state test is written with coalesce() on purpose: spelled as
+-- "processed IS NULL AND yielded IS NULL" it lets the planner use
+-- task_running_idx and join every running task against every given id
+-- (a generic plan did: 46 ms instead of 7 ms for 300 of 1000 running).
+-- This way the only path is task_pkey per given id.
 WITH o AS (
   SELECT o.*,
          CASE WHEN o.status = 'LOST' AND (t.started IS NULL OR t.retries < t.max_retries) THEN 'REQUEUE'
@@ -36,6 +41,6 @@ u AS (
     eligible_when = CASE WHEN o.eff = 'REQUEUE' THEN t.eligible_when END
     FROM o
    WHERE t.task_id = o.task_id AND t.attempt = o.attempt AND t.node = $1::text
-     AND t.consumed IS NOT NULL AND t.processed IS NULL AND t.yielded IS NULL
+     AND t.consumed IS NOT NULL AND coalesce(t.processed, t.yielded) IS NULL
   RETURNING t.task_id, t.attempt, t.yielded IS NOT NULL AS yielded, coalesce(t.track_yielded, false) AS hold)
 SELECT u.task_id, u.attempt, u.yielded, u.hold FROM u

@@ -1,6 +1,11 @@
 -- Settle attempts whose node was lost (D13: re-run or fail, never both).
 -- $1 task ids, $2 attempts, $3 now, $4 reason (names the lost node).
 -- Only attempts still RUNNING qualify; anything else is absent ("skipped").
+-- The state test is written with coalesce() on purpose: spelled as
+-- "processed IS NULL AND yielded IS NULL" it lets the planner use
+-- task_running_idx and join every running task against every given id
+-- (a generic plan did: 46 ms instead of 7 ms for 300 of 1000 running).
+-- This way the only path is task_pkey per given id.
 WITH r AS (
   SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(task_id, attempt)),
 cur AS (
@@ -11,7 +16,7 @@ cur AS (
               ELSE 'failed' END AS outcome
     FROM async.task t
     JOIN r ON r.task_id = t.task_id AND r.attempt = t.attempt
-   WHERE t.consumed IS NOT NULL AND t.processed IS NULL AND t.yielded IS NULL
+   WHERE t.consumed IS NOT NULL AND coalesce(t.processed, t.yielded) IS NULL
    ORDER BY t.task_id
      FOR UPDATE OF t),
 upd AS (
