@@ -124,7 +124,11 @@ func (o observer) Released(refs []fsm.Ref) {
 		for i, r := range refs {
 			stop[i] = pgstore.Ref{TaskID: r.TaskID, Attempt: r.Attempt}
 		}
-		o.a.exec.Revoke(stop)
+		if o.a.exec.Revoke(stop) > 0 {
+			// Settled without us: the leader resolved this process as
+			// lost and, before that, ended its sessions on the targets.
+			o.a.exec.ResetConnections()
+		}
 	}
 	if o.a.sched != nil {
 		o.a.sched.Wake()

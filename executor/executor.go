@@ -275,10 +275,12 @@ func (e *Executor) Submit(work []Work) {
 // deadline (then TIMED_OUT); such writes are fenced. Each is reported Done
 // once its query has stopped.
 // An attempt whose outcome is already known here is not affected (its write
-// is fenced in the server database). It never blocks.
-func (e *Executor) Revoke(refs []pgstore.Ref) {
+// is fenced in the server database). It never blocks. It returns the number
+// of attempts it stopped.
+func (e *Executor) Revoke(refs []pgstore.Ref) int {
 	e.mu.Lock()
 	report := false
+	stopped := 0
 	for _, ref := range refs {
 		a := e.attempts[ref]
 		if a == nil || a.revoked {
@@ -295,7 +297,10 @@ func (e *Executor) Revoke(refs []pgstore.Ref) {
 		case phaseRunning:
 			a.revoked = true
 			a.cancel(errRevoked)
+		default:
+			continue
 		}
+		stopped++
 	}
 	e.mu.Unlock()
 	if report {
@@ -304,6 +309,7 @@ func (e *Executor) Revoke(refs []pgstore.Ref) {
 	if len(refs) > 0 {
 		e.log.Debug("revoked attempts", "count", len(refs))
 	}
+	return stopped
 }
 
 // Abandon gives up every attempt held here whose outcome is not known yet:
@@ -336,11 +342,30 @@ func (e *Executor) Abandon(reason string) int {
 		n++
 	}
 	e.mu.Unlock()
+	// The leader may have ended this process's target sessions (fencing
+	// it as lost); a pooled connection it ended would fail the next task
+	// without running it.
+	e.ResetConnections()
 	if n > 0 {
 		signal(e.finishWake)
 		e.log.Warn("gave up the attempts held here", "count", n, "reason", reason)
 	}
 	return n
+}
+
+// ResetConnections drops every pooled target connection: idle ones now,
+// busy ones when their task releases them; later tasks open new sessions.
+// Call it when this process's sessions may have been terminated on the
+// targets (the leader fences a node process it declared lost by ending
+// every session with its application_name, idle ones included).
+func (e *Executor) ResetConnections() {
+	e.tmu.Lock()
+	defer e.tmu.Unlock()
+	for _, t := range e.targets {
+		if t.pool != nil {
+			t.pool.Reset()
+		}
+	}
 }
 
 func lostOutcome(ref pgstore.Ref, reason string, at time.Time) pgstore.Outcome {

@@ -993,3 +993,54 @@ func TestManyConcurrentTasks(t *testing.T) {
 	require.LessOrEqual(t, sqlInt(t, h.dsn, `select count(*) from pg_stat_activity where application_name = $1`,
 		h.ex.ApplicationName()), int64(8))
 }
+
+// fillPool leaves n idle connections in the SELF pool: n tasks that hold
+// their connection until all n run at once.
+func fillPool(t *testing.T, h *harness, n int) {
+	t.Helper()
+	sqlExec(t, h.dsn, `CREATE TABLE IF NOT EXISTS pool_fill(i int)`)
+	var tasks []task
+	for i := 0; i < n; i++ {
+		tasks = append(tasks, task{query: fmt.Sprintf(`insert into pool_fill values (%d);
+			select pg_sleep(0.01) from generate_series(1, 500) where (select count(*) from pool_fill) < %d`, i, n)})
+	}
+	for _, ref := range h.submit(tasks...) {
+		_, o, ok := h.waitDone(ref, 30*time.Second)
+		require.True(t, ok)
+		requireFinished(t, o)
+	}
+}
+
+// The leader fences a node process it declared lost by terminating every
+// session with its application_name, idle pooled ones included. Once the
+// process learns it was lost (it abandons its attempts), its next tasks
+// must run on new sessions, not fail with "terminating connection due to
+// administrator command" without having run.
+func TestAbandonDropsSessionsTheLeaderFenced(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.MaxConnsPerTarget = 4 })
+	fillPool(t, h, 4)
+	n, err := h.ex.TerminateSessions(context.Background(), nil, h.ex.ApplicationName())
+	require.NoError(t, err)
+	require.Equal(t, 4, n, "the pool's idle sessions")
+	h.ex.Abandon("node node-1 was lost: test")
+	for i := 0; i < 4; i++ {
+		requireFinished(t, h.run(task{query: `select 1`}))
+	}
+}
+
+// A task whose session was terminated fails with the server's error, and
+// the target's other pooled sessions (terminated alike by a fence or a
+// server restart) are not handed to the next tasks.
+func TestTerminatedSessionDropsItsSiblings(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.MaxConnsPerTarget = 4 })
+	fillPool(t, h, 4)
+	n, err := h.ex.TerminateSessions(context.Background(), nil, h.ex.ApplicationName())
+	require.NoError(t, err)
+	require.Equal(t, 4, n)
+	o := h.run(task{query: `select 1`})
+	require.Equal(t, pgstore.StatusFailed, o.Status)
+	require.Contains(t, errText(o), "terminating connection due to administrator command")
+	for i := 0; i < 4; i++ {
+		requireFinished(t, h.run(task{query: `select 1`}))
+	}
+}

@@ -129,6 +129,12 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Ou
 			log.Debug("send failed before reaching the server; retrying", "error", t.maskErr(execErr))
 			continue
 		}
+		if sessionTerminated(execErr) {
+			// Ended by pg_terminate_backend or a server shutdown: the
+			// other pooled sessions most likely went the same way; do not
+			// hand them to the next tasks.
+			t.pool.Reset()
+		}
 		msg := errorText(execErr, t)
 		log.Debug("task failed", "error", msg)
 		return outcome(pgstore.StatusFailed, msg)
@@ -275,4 +281,11 @@ func errorText(err error, t *target) string {
 		}
 	}
 	return maskSecret(b.String(), t.password)
+}
+
+// sessionTerminated reports whether err says the server ended the session
+// (admin_shutdown: pg_terminate_backend or a fast shutdown; crash_shutdown).
+func sessionTerminated(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && (pe.Code == "57P01" || pe.Code == "57P02")
 }
