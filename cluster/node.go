@@ -59,6 +59,9 @@ const (
 	raftIOTimeout   = 10 * time.Second
 	reconcileEvery  = time.Second
 	changeTimeout   = 5 * time.Second
+	// leaderWatchEvery is how often a forwarded command checks whether the
+	// leader it was sent to is still the leader.
+	leaderWatchEvery = 50 * time.Millisecond
 )
 
 // logStableStore is Raft's log and stable store in one (raft-boltdb).
@@ -259,9 +262,15 @@ func (n *Node) start() (joinNow bool, err error) {
 
 func (n *Node) startRaft() error {
 	rlog := n.log.Named("raft")
+	if err := checkDataDir(n.cfg.DataDir); err != nil {
+		return fmt.Errorf("cluster: %w", err)
+	}
 	store, err := openBoltStore(n.cfg.DataDir)
 	if err != nil {
-		return fmt.Errorf("cluster: open %s (is another node using data dir %s?): %w", raftDBFile, n.cfg.DataDir, err)
+		if errors.Is(err, bolt.ErrTimeout) {
+			return fmt.Errorf("cluster: open %s (is another node using data dir %s?): %w", raftDBFile, n.cfg.DataDir, err)
+		}
+		return fmt.Errorf("cluster: open %s in data dir %s: %w", raftDBFile, n.cfg.DataDir, err)
 	}
 	n.store = store
 	snaps, err := raft.NewFileSnapshotStoreWithLogger(n.cfg.DataDir, snapshotsRetain, rlog)
@@ -731,6 +740,34 @@ func (n *Node) waitFor(ctx context.Context, cond func() bool) error {
 	return nil
 }
 
+// forward sends cmd to the API of leader id at api. It gives up as soon as
+// this node learns of another leader: a leader that froze (SIGSTOP, a
+// stalled VM) accepts the connection but never answers, and waiting for
+// ctx would stall every forwarded command (task completions, slot
+// releases) for the whole apply timeout after a new leader was elected.
+func (n *Node) forward(ctx context.Context, id, api string, cmd []byte) ([]byte, error) {
+	fctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		tick := time.NewTicker(leaderWatchEvery)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+				if cur, _ := n.Leader(); cur != id {
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	return n.client.at(api).Apply(fctx, cmd)
+}
+
 // Apply commits cmd through Raft and returns the FSM's answer. On a
 // follower it forwards cmd to the leader's API. The wait is bounded by
 // ctx (default 10s). Errors: ErrNoLeader when no leader is known (retry),
@@ -767,7 +804,7 @@ func (n *Node) Apply(ctx context.Context, cmd []byte) ([]byte, error) {
 			err = ErrNoLeader
 		} else {
 			var res []byte
-			res, err = n.client.at(api).Apply(ctx, cmd)
+			res, err = n.forward(ctx, id, api, cmd)
 			if err == nil {
 				return res, nil
 			}

@@ -178,17 +178,32 @@ func overlap(t *testing.T, db *pgxpool.Pool, limit int) (best, over int) {
 	t.Helper()
 	rows, err := db.Query(context.Background(), "select started, coalesce(ended, started) from ledger")
 	require.NoError(t, err)
-	type ev struct {
-		at    time.Time
-		delta int
-	}
-	var evs []ev
+	var evs []runEvent
 	for rows.Next() {
 		var s, e time.Time
 		require.NoError(t, rows.Scan(&s, &e))
-		evs = append(evs, ev{s, 1}, ev{e, -1})
+		evs = append(evs, runEvent{s, 1}, runEvent{e, -1})
 	}
 	require.NoError(t, rows.Err())
+	best, over = 0, 0
+	replayRuns(evs, func(e runEvent, cur int) {
+		best = max(best, cur)
+		if e.delta > 0 && cur > limit {
+			over++
+		}
+	})
+	return best, over
+}
+
+// runEvent is the start (+1) or end (-1) of one run of a task.
+type runEvent struct {
+	at    time.Time
+	delta int
+}
+
+// replayRuns sorts evs by time, ends before starts at the same instant, and
+// calls step with each event and the number of runs at once after it.
+func replayRuns(evs []runEvent, step func(e runEvent, cur int)) {
 	sort.Slice(evs, func(i, j int) bool {
 		if !evs[i].at.Equal(evs[j].at) {
 			return evs[i].at.Before(evs[j].at)
@@ -198,12 +213,8 @@ func overlap(t *testing.T, db *pgxpool.Pool, limit int) (best, over int) {
 	cur := 0
 	for _, e := range evs {
 		cur += e.delta
-		best = max(best, cur)
-		if e.delta > 0 && cur > limit {
-			over++
-		}
+		step(e, cur)
 	}
-	return best, over
 }
 
 func TestKill9AndRestartLosesNothing(t *testing.T) {
