@@ -34,6 +34,8 @@ type benchFlags struct {
 	logLevel       string
 	profileSeconds int
 	profileDir     string
+	soak           time.Duration
+	soakRate       int
 }
 
 // bench is one benchmark run: a server database, a node cluster, figures.
@@ -67,6 +69,8 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	fs.IntVar(&f.profileSeconds, "profile-seconds", 0, "with --profile-dir: CPU-profile every node for this long during the throughput figure")
 	fs.StringVar(&f.profileDir, "profile-dir", "", "where to write CPU profiles (<node>.<figure>.cpu.prof)")
 	fs.StringVar(&f.logLevel, "log-level", "warn", "node log level (logs go to files)")
+	fs.DurationVar(&f.soak, "soak", 0, "also push --soak-rate tasks/s for this long and report every node's RSS after the first minute and at the end (e.g. 10m; 0: no soak round)")
+	fs.IntVar(&f.soakRate, "soak-rate", 2000, "tasks/s pushed during --soak")
 	if err := parse(fs, args, env); err != nil {
 		return err
 	}
@@ -87,6 +91,10 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 		return usagef("--sleep-tasks must be positive, got %d", f.sleepTasks)
 	case f.profileSeconds < 0 || (f.profileSeconds > 0 && f.profileDir == ""):
 		return usagef("--profile-seconds needs --profile-dir and must not be negative")
+	case f.soak < 0:
+		return usagef("--soak must not be negative, got %s", f.soak)
+	case f.soakRate < 10:
+		return usagef("--soak-rate must be at least 10 tasks/s, got %d", f.soakRate)
 	}
 	if err := positive("push-for", f.push); err != nil {
 		return err
@@ -179,6 +187,11 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 		}
 		b.ratio("history_vs_empty", "throughput_history", "throughput_empty")
 	}
+	if b.f.soak > 0 {
+		if err := b.soakRound(ctx); err != nil {
+			return err
+		}
+	}
 	if b.f.scaleOut {
 		if err := b.scaleOut(ctx); err != nil {
 			return err
@@ -192,7 +205,7 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	var parts []string
 	for _, k := range []string{"throughput_empty", "continuous", "latency_consumed_p50_ms", "latency_consumed_p99_ms",
 		"limit_roundtrips", "limit_bookkeeping", "throughput_vs_bookkeeping_limit", "throughput_history",
-		"history_vs_empty", "scale_out_speedup"} {
+		"history_vs_empty", "soak_rss_growth_max", "scale_out_speedup"} {
 		if v, ok := b.figure[k]; ok {
 			parts = append(parts, fmt.Sprintf("%s=%s", k, num(v)))
 		}
@@ -568,4 +581,91 @@ func (b *bench) scaleOut(ctx context.Context) error {
 
 func newGet(ctx context.Context, url string) (*http.Request, error) {
 	return http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+}
+
+// soakRound pushes --soak-rate tasks/s for --soak on the --nodes cluster
+// and reports every node's resident memory after the first minute (or half
+// the soak, if shorter) and at the end, so a leak shows as growth.
+func (b *bench) soakRound(ctx context.Context) error {
+	if err := b.reset(ctx, true); err != nil {
+		return err
+	}
+	first := min(time.Minute, b.f.soak/2)
+	perTick := max(b.f.soakRate/10, 1)
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	start := time.Now()
+	var early []int64
+	pushed := 0
+	for time.Since(start) < b.f.soak {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+		if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, perTick); err != nil {
+			return fmt.Errorf("soak push: %w", err)
+		}
+		pushed += perTick
+		if early == nil && time.Since(start) >= first {
+			rss, err := b.clusterRSS()
+			if err != nil {
+				return err
+			}
+			early = rss
+		}
+	}
+	late, err := b.clusterRSS()
+	if err != nil {
+		return err
+	}
+	window := time.Since(start)
+	if err := b.waitDrained(ctx, 10*time.Minute); err != nil {
+		return err
+	}
+	b.print("soak_tasks", float64(pushed)/window.Seconds(), fmt.Sprintf("unit=tasks/s nodes=%d pushed=%d soak=%s (all processed, none failed)",
+		b.nodes, pushed, window.Round(time.Second)))
+	worst := 0.0
+	for i, c := range b.lc.children {
+		growth := float64(late[i]) / float64(early[i])
+		worst = max(worst, growth)
+		b.print("soak_rss_"+c.id, growth, fmt.Sprintf("(at end / after %s) rss_after_%s_kib=%d rss_at_end_kib=%d soak=%s",
+			first, first, early[i], late[i], window.Round(time.Second)))
+	}
+	b.print("soak_rss_growth_max", worst, "(largest at end / early RSS ratio of any node)")
+	return nil
+}
+
+// clusterRSS reads every node's resident set size in KiB (Linux /proc).
+func (b *bench) clusterRSS() ([]int64, error) {
+	out := make([]int64, len(b.lc.children))
+	for i, c := range b.lc.children {
+		if c.cmd == nil || c.cmd.Process == nil {
+			return nil, fmt.Errorf("node %s is not running", c.id)
+		}
+		rss, err := readRSS(c.cmd.Process.Pid)
+		if err != nil {
+			return nil, fmt.Errorf("memory of node %s: %w", c.id, err)
+		}
+		out[i] = rss
+	}
+	return out, nil
+}
+
+// readRSS returns VmRSS of process pid in KiB, from /proc/<pid>/status.
+func readRSS(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, fmt.Errorf("read /proc (--soak needs Linux): %w", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var kib int64
+			if _, err := fmt.Sscanf(strings.TrimSpace(rest), "%d kB", &kib); err != nil {
+				return 0, fmt.Errorf("parse VmRSS %q: %w", rest, err)
+			}
+			return kib, nil
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
 }

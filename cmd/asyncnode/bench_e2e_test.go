@@ -14,10 +14,11 @@ import (
 // benchmark works, not how fast anything is.
 func TestBenchPrintsEveryFigure(t *testing.T) {
 	out, errOut, code := runCLI(t, nil, "bench", "--tasks", "500", "--samples", "5", "--clients", "2", "--push-for", "1s",
-		"--history", "2000", "--scale-out", "--sleep-tasks", "24", "--per-node", "2")
+		"--history", "2000", "--scale-out", "--sleep-tasks", "24", "--per-node", "2", "--soak", "2s", "--soak-rate", "100")
 	require.Equal(t, 0, code, "bench failed:\n%s\n%s", out, errOut)
 	for _, fig := range []string{"limit_roundtrips", "limit_bookkeeping", "throughput_empty", "continuous", "throughput_history",
-		"history_vs_empty", "scale_out_1_nodes", "scale_out_3_nodes", "scale_out_speedup", "throughput_vs_bookkeeping_limit"} {
+		"history_vs_empty", "scale_out_1_nodes", "scale_out_3_nodes", "scale_out_speedup", "throughput_vs_bookkeeping_limit",
+		"soak_tasks", "soak_rss_node1", "soak_rss_growth_max"} {
 		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=([0-9.e+]+) `).FindStringSubmatch(out)
 		require.NotNil(t, m, "figure %s missing:\n%s", fig, out)
 		v, err := strconv.ParseFloat(m[1], 64)
@@ -26,5 +27,6 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	}
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_consumed unit=ms nodes=1 samples=5 p50=`, out)
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_processed_history unit=ms`, out)
+	require.Regexp(t, `(?m)^bench figure=soak_rss_node1 value=\S+ \(at end / after 1s\) rss_after_1s_kib=[1-9]\d* rss_at_end_kib=[1-9]\d* `, out)
 	require.Regexp(t, `(?m)^bench summary nodes=\d+ throughput_empty=`, out)
 }
