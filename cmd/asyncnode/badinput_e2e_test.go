@@ -31,6 +31,7 @@ func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
 	}{
 		{"10 MB query", `select async.push_tasks(array[async.task(repeat('x', 10 * 1024 * 1024), 'SELF')])`, "1048576-byte", nil},
 		{"NUL byte", `select async.push_tasks(array[async.task($1, 'SELF')])`, "0x00", []any{"select 1\x00"}},
+		{"invalid UTF-8", `select async.push_tasks(array[async.task($1, 'SELF')])`, "invalid byte sequence for encoding", []any{"select '\xff\xfe'"}},
 		{"injection in the target name", `select async.push_tasks(array[async.task('select 1', 'x''; drop table async.task; --')])`, "drop table", nil},
 		{"NULL target", `select async.push_tasks(array[async.task('select 1', NULL)])`, "NULL", nil},
 		{"non-positive timeout", `select async.push_tasks(array[async.task('select 1', 'SELF', manual_timeout => '-1 second')])`, "manual_timeout", nil},
