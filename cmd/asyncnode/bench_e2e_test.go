@@ -27,6 +27,6 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	}
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_consumed unit=ms nodes=1 samples=5 p50=`, out)
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_processed_history unit=ms`, out)
-	require.Regexp(t, `(?m)^bench figure=soak_rss_node1 value=\S+ \(at end / after 1s\) rss_after_1s_kib=[1-9]\d* rss_at_end_kib=[1-9]\d* `, out)
+	require.Regexp(t, `(?m)^bench figure=soak_rss_node1 value=\S+ \(anonymous RSS at end / after 1s\) anon_kib=[1-9]\d*,[1-9]\d* file_kib=\d+,\d+ rss_kib=[1-9]\d*,[1-9]\d* `, out)
 	require.Regexp(t, `(?m)^bench summary nodes=\d+ throughput_empty=`, out)
 }
