@@ -21,6 +21,9 @@ const (
 	connBackoffMax = 5 * time.Second
 )
 
+// idleConnTimeout closes a target session that stayed idle this long.
+const idleConnTimeout = time.Minute
+
 // terminateGrace bounds the terminate step: connecting to the target and
 // calling pg_terminate_backend. The client-side socket deadline of a
 // cancelled query fires TerminateAfter + terminateGrace after the cancel, as
@@ -74,6 +77,12 @@ func (e *Executor) newTarget(ctx context.Context, dsn string) *target {
 	}
 	pcfg.MaxConns = int32(e.cfg.MaxConnsPerTarget)
 	pcfg.MinConns = 0
+	// Idle sessions count against the target's max_connections and role
+	// CONNECTION LIMIT: after a burst, close them within a couple of
+	// minutes (idle time plus the one-minute health check) instead of
+	// pgx's 30, so another node can get a connection. A busy target keeps
+	// reusing its sessions.
+	pcfg.MaxConnIdleTime = idleConnTimeout
 	cc := pcfg.ConnConfig
 	cc.RuntimeParams["application_name"] = e.appName
 	// A node killed mid-task leaves its query running on the target until
