@@ -26,8 +26,8 @@ failover: ## failover figures: kill -9 the leader of a 3-node cluster 10 times u
 	@out=$$(mktemp); ASYNCNODE_FAILOVER_ROUNDS=$${ROUNDS:-10} $(GO) test -count=1 -v -timeout 30m -run TestFailoverFigures ./cmd/asyncnode/ > $$out 2>&1; rc=$$?; \
 	grep -E '^(failover|---|ok|FAIL)' $$out; [ $$rc -eq 0 ] || tail -50 $$out; rm -f $$out; exit $$rc
 
-test-faults: ## fault-injection suite (kill, freeze, restart, black-hole) under load, one summary line per scenario (no -race; SOAK=1 long tier, ROUNDS=N)
-	@out=$$(mktemp); ASYNCNODE_FAULT_SOAK=$${SOAK:-} ASYNCNODE_FAULT_ROUNDS=$${ROUNDS:-} $(GO) test -count=1 -v -timeout 60m -run 'TestFault' ./cmd/asyncnode/ > $$out 2>&1; rc=$$?; \
+test-faults: ## fault-injection suite (kill, freeze, restart, black-hole, partitions: needs root) under load, one summary line per scenario (no -race; SOAK=1 long tier, ROUNDS=N)
+	@out=$$(mktemp); ASYNCNODE_FAULT_PARTITIONS=1 ASYNCNODE_FAULT_SOAK=$${SOAK:-} ASYNCNODE_FAULT_ROUNDS=$${ROUNDS:-} $(GO) test -count=1 -v -timeout 60m -run 'TestFault' ./cmd/asyncnode/ > $$out 2>&1; rc=$$?; \
 	grep -E '^(scenario=|--- |ok|FAIL)' $$out; [ $$rc -eq 0 ] || grep -E -A20 'violations:|Error Trace:' $$out | grep -v '^\s*$$' | head -120; rm -f $$out; exit $$rc
 
 lint: ## gofmt + go vet

@@ -326,12 +326,7 @@ func TestDuplicatesRefused(t *testing.T) {
 // nor disturbs the term, and catches up after the partition heals.
 func TestPartitionedFollower(t *testing.T) {
 	fn := faultnet.New()
-	start := func(cfg cluster.Config) *tnode {
-		cfg.RaftDialer = fn.Dialer(cfg.NodeID)
-		n := startNode(t, cfg)
-		fn.Register(cfg.NodeID, n.RaftAddr())
-		return n
-	}
+	start := func(cfg cluster.Config) *tnode { return startOn(t, fn, cfg, false) }
 	p1 := start(baseConfig(t, "p1"))
 	waitLeader(t, p1)
 	p2 := start(joinConfig(t, "p2", p1))
@@ -415,4 +410,70 @@ func TestMutualTLS(t *testing.T) {
 	}
 	require.Error(t, err)
 	require.False(t, errors.Is(err, os.ErrDeadlineExceeded), "handshake must be refused, not time out")
+}
+
+// After a partition long enough for gossip to declare the cut node dead on
+// both sides, the heal must be seen in gossip within seconds: memberlist
+// alone keeps the two sides dead to each other until the dead state is
+// reclaimed (30 s), meanwhile the leader would remove the node from Raft
+// and the node could not forward to a leader it sees dead (found by the
+// fault suite, scenario partition-follower: 45 s).
+func TestGossipHealsAfterPartition(t *testing.T) {
+	fn := faultnet.New()
+	start := func(cfg cluster.Config) *tnode {
+		cfg.ReapDeadAfter = time.Minute // keep Raft out of it
+		return startOn(t, fn, cfg, true)
+	}
+	g1 := start(baseConfig(t, "g1"))
+	waitLeader(t, g1)
+	g2 := start(joinConfig(t, "g2", g1))
+	g3 := start(joinConfig(t, "g3", g1))
+	nodes := []*tnode{g1, g2, g3}
+	waitServers(t, g1, map[string]raft.ServerSuffrage{"g1": raft.Voter, "g2": raft.Voter, "g3": raft.Voter})
+	leader := waitLeader(t, nodes...)
+	var cut *tnode
+	for _, n := range nodes {
+		if n != leader {
+			cut = n
+			break
+		}
+	}
+	health := func(of, about *tnode) string { return membersByID(of.Members())[about.ID()].Health }
+	allSee := func(h string) func() bool {
+		return func() bool {
+			for _, n := range nodes {
+				if n != cut && (health(n, cut) != h || health(cut, n) != h) {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	require.Eventually(t, allSee(cluster.HealthAlive), 10*time.Second, 20*time.Millisecond)
+
+	fn.Isolate(cut.ID())
+	require.Eventually(t, allSee(cluster.HealthDead), 20*time.Second, 20*time.Millisecond,
+		"gossip never declared the cut node dead on both sides")
+	// Long enough for every dead broadcast to be used up.
+	time.Sleep(3 * time.Second)
+	fn.Heal(cut.ID())
+	healed := time.Now()
+	require.Eventually(t, allSee(cluster.HealthAlive), 10*time.Second, 20*time.Millisecond,
+		"gossip still shows the healed node and its peers dead to each other")
+	t.Logf("gossip healed %s after the heal", time.Since(healed).Round(time.Millisecond))
+}
+
+// startOn starts a node whose Raft dials, and with gossip its gossip
+// traffic, go through fn.
+func startOn(t testing.TB, fn *faultnet.Network, cfg cluster.Config, gossip bool) *tnode {
+	cfg.RaftDialer = fn.Dialer(cfg.NodeID)
+	if gossip {
+		cfg.GossipWrap = fn.Gossip(cfg.NodeID)
+	}
+	n := startNode(t, cfg)
+	fn.Register(cfg.NodeID, n.RaftAddr())
+	if gossip {
+		fn.Register(cfg.NodeID, n.GossipAddr())
+	}
+	return n
 }

@@ -19,6 +19,10 @@
 //     again) and rejoins gossip through Join or, failing that, through the
 //     gossip peers it remembered in the data directory.
 //
+// While it runs, a node contacts the members it sees dead every 2 s, so
+// that gossip heals within seconds of the end of a partition (memberlist
+// alone would keep both sides dead to each other for about 30 s).
+//
 // Stop shuts the node down without leaving: peers see it as failed and keep
 // its Raft seat for Config.ReapDeadAfter, so a restart (a rolling upgrade)
 // resumes where it was. Leave removes the node for good: leadership is

@@ -241,10 +241,11 @@ func (n *Node) start() (joinNow bool, err error) {
 	})
 	n.raft.RegisterObserver(n.observer)
 
-	n.wg.Add(3)
+	n.wg.Add(4)
 	go n.monitorLeadership()
 	go n.observe(obsCh)
 	go n.reconcileLoop()
+	go n.reconnectLoop()
 
 	n.log.Info("node started", "raft", n.raftAddr, "gossip", n.gossipAddr, "api", n.apiAddr,
 		"resumed", n.resumed, "voters", n.cfg.Voters, "tls", n.tls != nil, "gossip_encrypted", n.cfg.Key != nil)
@@ -407,6 +408,20 @@ func (n *Node) startGossip() error {
 			mc.PushPullInterval = pp
 		}
 	}
+	if n.cfg.GossipWrap != nil {
+		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
+			BindAddrs: []string{host}, BindPort: port, Logger: mc.Logger})
+		if err != nil {
+			return fmt.Errorf("cluster: gossip: %w", err)
+		}
+		if port == 0 {
+			mc.BindPort = nt.GetAutoBindPort()
+			if n.cfg.GossipAdvertise == "" {
+				mc.AdvertisePort = mc.BindPort
+			}
+		}
+		mc.Transport = n.cfg.GossipWrap(nt)
+	}
 	// memberlist publishes its chosen port back into mc; the gossip address
 	// is read from the local node below.
 	n.probeInterval = mc.ProbeInterval
@@ -502,6 +517,58 @@ func (n *Node) rejoinRemembered(peers []string) {
 		}
 		if wait *= 2; wait > 10*time.Second {
 			wait = 10 * time.Second
+		}
+	}
+}
+
+// reconnectEvery is how often a node contacts the members it sees dead.
+const reconnectEvery = 2 * time.Second
+
+// reconnectLoop contacts, every reconnectEvery, the members this node sees
+// dead (not left), as Serf's reconnect does. memberlist alone never
+// retries them: after a partition heals, each side keeps the other dead
+// (an alive message with the same incarnation is ignored, and the dead
+// broadcasts were used up during the partition, so no node refutes) until
+// the dead state is reclaimed about 30 s later — while Raft already
+// reaches the node again, the leader would remove it as dead and the node,
+// seeing no live leader, could not forward to it. A join is a push/pull
+// exchange: each side then sees itself reported dead and refutes it.
+func (n *Node) reconnectLoop() {
+	defer n.wg.Done()
+	tick := time.NewTicker(reconnectEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-n.stopCh:
+			return
+		case <-n.left:
+			return
+		case <-tick.C:
+		}
+		var ids, addrs []string
+		for id, m := range n.members.snapshot() {
+			if id != n.cfg.NodeID && m.Health == HealthDead && m.Gossip != "" {
+				ids, addrs = append(ids, id), append(addrs, m.Gossip)
+			}
+		}
+		if len(addrs) == 0 {
+			continue
+		}
+		// A dial to an unreachable host can take memberlist's TCPTimeout:
+		// Stop does not wait for it (the join fails on a shut-down list).
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			if k, err := n.list.Join(addrs); err != nil {
+				n.log.Debug("members seen dead still unreachable", "members", ids, "error", err)
+			} else {
+				n.log.Info("reached members seen dead", "members", ids, "reached", k)
+			}
+		}()
+		select {
+		case <-done:
+		case <-n.stopCh:
+			return
 		}
 	}
 }

@@ -1,8 +1,9 @@
 // Package faultnet injects network partitions between in-process cluster
 // nodes (tests only). Every node dials its Raft peers through the Network
-// (cluster.Config.RaftDialer); Isolate then cuts one node off in both
-// directions: its open connections are closed and new dials from or to it
-// are refused until Heal.
+// (cluster.Config.RaftDialer), and may send its gossip through it too
+// (cluster.Config.GossipWrap with Gossip); Isolate then cuts one node off in
+// both directions: its open connections are closed, new dials from or to it
+// are refused and its gossip packets are dropped until Heal.
 package faultnet
 
 import (
@@ -11,6 +12,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/hashicorp/memberlist"
 )
 
 // ErrCut is returned by dials across a cut.
@@ -108,4 +111,37 @@ func (c *conn) Close() error {
 		c.net.mu.Unlock()
 	})
 	return err
+}
+
+// Gossip returns memberlist's transport of node from, wrapped so that
+// packets and streams between a cut node and the others are dropped and
+// refused (UDP probes and gossip are lost, TCP push/pull and joins fail).
+// Register the node's gossip address as well, so that traffic to it counts
+// as traffic to the node.
+func (n *Network) Gossip(from string) func(memberlist.Transport) memberlist.Transport {
+	return func(t memberlist.Transport) memberlist.Transport {
+		return &gossipTransport{Transport: t, net: n, from: from}
+	}
+}
+
+// gossipTransport filters on the sending side: a cut node sends nothing,
+// and nothing is sent to it, which cuts both directions.
+type gossipTransport struct {
+	memberlist.Transport
+	net  *Network
+	from string
+}
+
+func (g *gossipTransport) WriteTo(b []byte, addr string) (time.Time, error) {
+	if g.net.blocked(g.from, addr) {
+		return time.Now(), nil // lost on the way, as UDP goes
+	}
+	return g.Transport.WriteTo(b, addr)
+}
+
+func (g *gossipTransport) DialTimeout(addr string, timeout time.Duration) (net.Conn, error) {
+	if g.net.blocked(g.from, addr) {
+		return nil, fmt.Errorf("dial %s from %s: %w", addr, g.from, ErrCut)
+	}
+	return g.Transport.DialTimeout(addr, timeout)
 }

@@ -21,8 +21,10 @@ type histTask struct {
 	Error      string // processing_error
 	Processed  *time.Time
 	// Expect is what the task was built to do: "ok" (runs to the end),
-	// "timeout" (sleeps past its timeout) or "unreachable" (its target
-	// never answers).
+	// "timeout" (sleeps past its timeout), "unreachable" (its target
+	// never answers) or "refused" (its target refuses every connection
+	// until its deadline: D12 ends it FAILED with the connection error,
+	// never TIMED_OUT, and it cannot have run).
 	Expect string
 }
 
@@ -162,6 +164,8 @@ func checkHistory(tasks []histTask, runs []histRun, limits map[string]int, allow
 			switch {
 			case t.Expect == "ok":
 				wrong("timed out although built to %s", t.Expect)
+			case t.Expect == "refused":
+				wrong("timed out although its target refused the connection: D12 ends it FAILED with the connection error")
 			}
 		case "FAILED":
 			switch {
@@ -176,6 +180,9 @@ func checkHistory(tasks []histTask, runs []histRun, limits map[string]int, allow
 			}
 		default:
 			wrong("unexpected status: %s", t.Error)
+		}
+		if t.Expect == "refused" && len(rs) > 0 {
+			wrong("it ran on the target (%d runs) although its target refused every connection", len(rs))
 		}
 		if t.Expect != "ok" && completed > 0 {
 			wrong("its query ran to the end on the target (%d complete runs) although it had to be stopped", completed)

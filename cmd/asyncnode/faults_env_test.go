@@ -86,12 +86,20 @@ func faultRounds(t *testing.T, short, soak int) int {
 func faultSoak() bool { return os.Getenv("ASYNCNODE_FAULT_SOAK") == "1" }
 
 // startPG starts a throwaway PostgreSQL server for one scenario.
-func startPG(t *testing.T, settings map[string]string) *pglocal.Server {
+func startPG(t *testing.T, opts pglocal.Options) *pglocal.Server {
 	t.Helper()
-	s, err := pglocal.Start(context.Background(), pglocal.Options{Settings: settings})
+	s, err := pglocal.Start(context.Background(), opts)
 	require.NoError(t, err, "a throwaway PostgreSQL must start")
 	t.Cleanup(func() { _ = s.Stop() })
 	return s
+}
+
+// faultPlace says where a scenario's world runs; the zero value is the
+// usual one: everything on 127.0.0.1.
+type faultPlace struct {
+	pg pglocal.Options // of both PostgreSQL servers
+	// cluster starts the nodes; nil means startCluster.
+	cluster func(t *testing.T, dsn string, n int, extra ...string) []*node
 }
 
 // newFaultEnv starts the two PostgreSQL servers, installs the schema, the
@@ -100,14 +108,20 @@ func startPG(t *testing.T, settings map[string]string) *pglocal.Server {
 // nodes nodes.
 func newFaultEnv(t *testing.T, name string, nodes int, extraTargets ...map[string]any) *faultEnv {
 	t.Helper()
+	return newFaultEnvAt(t, name, faultPlace{}, nodes, extraTargets...)
+}
+
+// newFaultEnvAt is newFaultEnv with the servers and nodes placed by at.
+func newFaultEnvAt(t *testing.T, name string, at faultPlace, nodes int, extraTargets ...map[string]any) *faultEnv {
+	t.Helper()
 	ctx := context.Background()
 	e := &faultEnv{t: t, name: name,
 		limits:  map[string]int{"t0": faultLimitT0, "t1": faultLimitT1},
 		expect:  map[string]string{"t0": "ok", "t1": "ok"},
 		allowed: map[string]*regexp.Regexp{},
 	}
-	e.server = startPG(t, nil)
-	e.target = startPG(t, nil)
+	e.server = startPG(t, at.pg)
+	e.target = startPG(t, at.pg)
 	require.NoError(t, e.server.CreateDatabase(ctx, "app", ""))
 	require.NoError(t, e.target.CreateDatabase(ctx, "tgt", ""))
 	e.dsn = e.server.DSN("app")
@@ -123,17 +137,31 @@ func newFaultEnv(t *testing.T, name string, nodes int, extraTargets ...map[strin
 		{"target": "t1", "connection_string": e.targetDSN, "max_concurrency": faultLimitT1, "max_retries": 1},
 	}
 	for _, x := range extraTargets {
-		if x["connection_string"] == "" {
-			x["connection_string"] = e.targetDSN
-		}
-		e.targets = append(e.targets, x)
-		e.limits[x["target"].(string)] = x["max_concurrency"].(int)
+		e.addTarget(x)
 	}
 	e.configure()
-	e.nodes = startCluster(t, e.dsn, nodes, faultNodeFlags...)
+	if at.cluster == nil {
+		at.cluster = startCluster
+	}
+	e.nodes = at.cluster(t, e.dsn, nodes, faultNodeFlags...)
 	return e
 }
 
+// addTarget adds a target to the configuration (applied by the next
+// configure): an empty connection_string means the target server. Its
+// tasks are expected to run to the end ("ok") unless the scenario says
+// otherwise in e.expect.
+func (e *faultEnv) addTarget(x map[string]any) {
+	if x["connection_string"] == "" {
+		x["connection_string"] = e.targetDSN
+	}
+	name := x["target"].(string)
+	e.targets = append(e.targets, x)
+	e.limits[name] = x["max_concurrency"].(int)
+	e.expect[name] = "ok"
+}
+
+// configure writes the targets to async.target.
 func (e *faultEnv) configure() {
 	e.t.Helper()
 	b, err := json.Marshal(map[string]any{"targets": e.targets})

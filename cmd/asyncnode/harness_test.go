@@ -101,6 +101,7 @@ type node struct {
 	gossip  string
 	extra   []string
 	logPath string
+	netns   string // network namespace the process runs in; "" = the test's own
 	cmd     *exec.Cmd
 	done    chan struct{}
 }
@@ -132,7 +133,12 @@ func (n *node) start() {
 		"--http-addr", n.api, "--raft-addr", n.raft, "--gossip-addr", n.gossip, "--log-level", "debug"}, n.extra...)
 	f, err := os.OpenFile(n.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	require.NoError(n.t, err)
-	n.cmd = exec.Command(testBin, args...)
+	if n.netns != "" {
+		args = append([]string{"netns", "exec", n.netns, testBin}, args...)
+		n.cmd = exec.Command("ip", args...) // ip execs the binary: same process
+	} else {
+		n.cmd = exec.Command(testBin, args...)
+	}
 	n.cmd.Env = filteredEnv()
 	n.cmd.Stdout, n.cmd.Stderr = f, f
 	n.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -39,6 +39,11 @@ type Options struct {
 	Settings map[string]string
 	// Log receives the server's stderr; nil discards it.
 	Log func(line string)
+	// ListenAddresses are the IP addresses the server listens on; empty
+	// means 127.0.0.1 only. The first one is the host of DSN. Clients on
+	// the subnets of the machine's own addresses are trusted (pg_hba
+	// "samenet") when an address other than loopback is given.
+	ListenAddresses []string
 }
 
 // Server is one running throwaway PostgreSQL server.
@@ -176,7 +181,31 @@ func (s *Server) initdb(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("pglocal: initdb failed: %w\n%s", err, out)
 	}
+	if s.host() == "127.0.0.1" && len(s.opts.ListenAddresses) <= 1 {
+		return nil
+	}
+	// initdb -A trust trusts loopback only; open the other listen
+	// addresses' subnets too.
+	f, err := os.OpenFile(filepath.Join(s.dataDir, "pg_hba.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("pglocal: %w", err)
+	}
+	_, err = f.WriteString("host all all samenet trust\n")
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("pglocal: pg_hba.conf: %w", err)
+	}
 	return nil
+}
+
+// host is the first listen address.
+func (s *Server) host() string {
+	if len(s.opts.ListenAddresses) > 0 {
+		return s.opts.ListenAddresses[0]
+	}
+	return "127.0.0.1"
 }
 
 // Start (re)starts the postmaster on the existing data directory. The port is
@@ -195,7 +224,7 @@ func (s *Server) Start(ctx context.Context) error {
 		s.port = p
 	}
 	args := []string{"-D", s.dataDir, "-p", strconv.Itoa(s.port), "-k", s.sockDir,
-		"-c", "listen_addresses=127.0.0.1",
+		"-c", "listen_addresses=" + s.listen(),
 		"-c", "fsync=off", "-c", "full_page_writes=off",
 		"-c", "max_connections=300", "-c", "shared_buffers=128MB",
 		"-c", "log_min_messages=warning", "-c", "logging_collector=off"}
@@ -297,15 +326,24 @@ func (s *Server) Stop() error {
 	return err
 }
 
-// Port is the TCP port on 127.0.0.1.
+// listen is the listen_addresses setting.
+func (s *Server) listen() string {
+	if len(s.opts.ListenAddresses) == 0 {
+		return "127.0.0.1"
+	}
+	return strings.Join(s.opts.ListenAddresses, ",")
+}
+
+// Port is the TCP port of the server.
 func (s *Server) Port() int { return s.port }
 
 // DataDir is the cluster's data directory.
 func (s *Server) DataDir() string { return s.dataDir }
 
-// DSN returns a connection string for database db as the superuser postgres.
+// DSN returns a connection string for database db as the superuser
+// postgres, on the first listen address (127.0.0.1 by default).
 func (s *Server) DSN(db string) string {
-	return fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=%s sslmode=disable", s.port, db)
+	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", s.host(), s.port, db)
 }
 
 // CreateDatabase creates database name, optionally from template.

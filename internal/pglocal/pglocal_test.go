@@ -2,6 +2,7 @@ package pglocal
 
 import (
 	"context"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -32,4 +33,22 @@ func TestStartRestartStop(t *testing.T) {
 	var v int
 	require.NoError(t, c.QueryRow(ctx, "select i from t").Scan(&v))
 	require.Equal(t, 42, v)
+}
+
+// TestListenAddresses starts a server on two loopback addresses: both
+// accept connections, and DSN uses the first.
+func TestListenAddresses(t *testing.T) {
+	ctx := context.Background()
+	s, err := Start(ctx, Options{ListenAddresses: []string{"127.0.0.2", "127.0.0.1"}})
+	require.NoError(t, err)
+	defer s.Stop()
+	require.Contains(t, s.DSN("postgres"), "host=127.0.0.2 ")
+	for _, host := range []string{"127.0.0.2", "127.0.0.1"} {
+		c, err := pgx.Connect(ctx, strings.Replace(s.DSN("postgres"), "host=127.0.0.2", "host="+host, 1))
+		require.NoError(t, err, host)
+		var addr string
+		require.NoError(t, c.QueryRow(ctx, "select host(inet_server_addr())").Scan(&addr))
+		require.Equal(t, host, addr)
+		c.Close(ctx)
+	}
 }
