@@ -219,7 +219,8 @@ func num(v float64) string {
 	if v >= 100 {
 		return fmt.Sprintf("%.0f", v)
 	}
-	return fmt.Sprintf("%.3g", v)
+	// Four significant digits: a ratio of 1.997 must not print as 2.
+	return fmt.Sprintf("%.4g", v)
 }
 
 func (b *bench) print(name string, v float64, detail string) {
