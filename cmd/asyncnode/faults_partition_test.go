@@ -133,6 +133,7 @@ func (e *faultEnv) partitionRound(lab *netLab, victim *node, wasLeader bool) {
 	watch := watchSessions(t, e.tdb, "asyncnode/"+victim.id+"/%")
 	at := time.Now()
 	lab.cut(idx)
+	cutDone := time.Now() // the old leader may dispatch until the link is down
 	healed := false
 	t.Cleanup(func() {
 		if !healed {
@@ -142,7 +143,7 @@ func (e *faultEnv) partitionRound(lab *netLab, victim *node, wasLeader bool) {
 
 	leader := leaderOf(t, majority)
 	if wasLeader {
-		e.recovered(at) // cut -> first dispatch by the new leader
+		e.recovered(cutDone) // cut -> first dispatch by the new leader
 	} else {
 		check(t, leader == before, "the leader changed from %s to %s although a follower was cut off", before.id, leader.id)
 	}
