@@ -28,7 +28,10 @@ failover: ## failover figures: kill -9 the leader of a 3-node cluster 10 times u
 
 test-faults: ## fault-injection suite (kill, freeze, restart, black-hole, partitions: needs root) under load, one summary line per scenario (no -race; SOAK=1 long tier, ROUNDS=N)
 	@out=$$(mktemp); ASYNCNODE_FAULT_PARTITIONS=1 ASYNCNODE_FAULT_SOAK=$${SOAK:-} ASYNCNODE_FAULT_ROUNDS=$${ROUNDS:-} $(GO) test -count=1 -v -timeout 60m -run 'TestFault' ./cmd/asyncnode/ > $$out 2>&1; rc=$$?; \
-	grep -E '^(scenario=|--- |ok|FAIL)' $$out; [ $$rc -eq 0 ] || grep -E -A20 'violations:|Error Trace:' $$out | grep -v '^\s*$$' | head -120; rm -f $$out; exit $$rc
+	grep -E '^(scenario=|--- |ok|FAIL)' $$out; \
+	if [ $$rc -ne 0 ]; then grep -E -A20 'violations:|Error Trace:' $$out | grep -v '^\s*$$' | head -120; \
+	  mkdir -p bin; cp $$out bin/test-faults.log; echo "full output, node logs included: bin/test-faults.log"; fi; \
+	rm -f $$out; exit $$rc
 
 lint: ## gofmt + go vet
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || (gofmt -l $$(git ls-files '*.go'); exit 1)
