@@ -278,11 +278,13 @@ func TestLeaseStopsTasksWithoutQuorum(t *testing.T) {
 	require.NoError(t, err)
 	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select run_once(##flow.TASK_ID##)', 'again'))) from generate_series(1, 9)`)
 	require.NoError(t, err)
-	// Wait until all nine run (in pg_sleep), then mark the leader's so that
-	// their re-run is quick.
+	// Wait until all nine sleep (past run_once's check: a query that is
+	// merely active may not have read "runs" yet and would see the marks
+	// below), then mark the leader's so that their re-run is quick.
 	require.Eventually(t, func() bool {
 		var active int
-		_ = db.QueryRow(ctx, `select count(*) from pg_stat_activity where application_name like 'asyncnode/%' and query like 'select run_once%'`).Scan(&active)
+		_ = db.QueryRow(ctx, `select count(*) from pg_stat_activity where application_name like 'asyncnode/%' and query like 'select run_once%'
+			and wait_event = 'PgSleep'`).Scan(&active)
 		return active == 9
 	}, 60*time.Second, 20*time.Millisecond, "the nine tasks never ran at once")
 	tag, err := db.Exec(ctx, `insert into runs select task_id, 1 from async.task where node = $1 and processed is null`, leader.id)
