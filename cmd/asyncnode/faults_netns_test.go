@@ -18,7 +18,10 @@ import (
 // through the bridge's host address) and one to a "db" bridge, through
 // which it reaches both PostgreSQL servers, which listen on the host's
 // address there. Cutting the host side of a node's cluster link isolates
-// it from its peers while it still reaches the databases.
+// it from its peers while it still reaches the databases (cut). Moving the
+// host sides of a group's cluster links onto a second cluster bridge
+// splits the cluster in two sides that each still talk among themselves
+// (split).
 //
 // Every name starts with prefix (at most 15 characters in all: names are
 // prefix plus at most 4), so that leftovers of a crashed run are found and
@@ -50,9 +53,11 @@ func newNetLab(t *testing.T, prefix string, cnet, dnet, n int) *netLab {
 	for _, br := range []struct {
 		name string
 		net  int
-	}{{l.bridge("c"), cnet}, {l.bridge("d"), dnet}} {
+	}{{l.bridge("c"), cnet}, {l.bridge("d"), dnet}, {l.bridge("c2"), 0}} {
 		l.ip("link", "add", br.name, "type", "bridge")
-		l.ip("addr", "add", fmt.Sprintf("10.77.%d.1/24", br.net), "dev", br.name)
+		if br.net != 0 { // the second cluster bridge has no host address: see split
+			l.ip("addr", "add", fmt.Sprintf("10.77.%d.1/24", br.net), "dev", br.name)
+		}
 		l.ip("link", "set", br.name, "up")
 	}
 	for i := 0; i < n; i++ {
@@ -74,6 +79,8 @@ func newNetLab(t *testing.T, prefix string, cnet, dnet, n int) *netLab {
 	return l
 }
 
+// bridge is the bridge of kind "c" (cluster), "d" (db) or "c2" (the
+// second cluster bridge, the other side of a split).
 func (l *netLab) bridge(kind string) string { return l.prefix + "br" + kind }
 func (l *netLab) ns(i int) string           { return fmt.Sprintf("%sn%d", l.prefix, i+1) }
 
@@ -126,6 +133,35 @@ func (l *netLab) cut(i int) { l.t.Helper(); l.ip("link", "set", l.veth(i, "c"), 
 
 // heal undoes cut.
 func (l *netLab) heal(i int) { l.t.Helper(); l.ip("link", "set", l.veth(i, "c"), "up") }
+
+// split splits the cluster network in two sides: the host sides of the
+// cluster links of nodes idx move onto the second cluster bridge (the
+// kernel takes a port off its bridge when it is enslaved to another; the
+// link stays up). Those nodes still reach each other, and the others each
+// other, but no node reaches one on the other side: frames are switched
+// only within a bridge, and the host forwards nothing between them (the
+// second bridge has no address, so no route leads to it). Database links
+// are untouched.
+//
+// The test reaches node APIs through the first bridge's host address
+// only, so the moved nodes' APIs do not answer the test until unsplit:
+// a scenario moves the side it need not ask (in the partition scenarios,
+// the minority, which it observes through the databases instead).
+func (l *netLab) split(idx []int) {
+	l.t.Helper()
+	for _, i := range idx {
+		l.ip("link", "set", l.veth(i, "c"), "master", l.bridge("c2"))
+	}
+}
+
+// unsplit undoes split: the links of nodes idx move back onto the first
+// cluster bridge.
+func (l *netLab) unsplit(idx []int) {
+	l.t.Helper()
+	for _, i := range idx {
+		l.ip("link", "set", l.veth(i, "c"), "master", l.bridge("c"))
+	}
+}
 
 // place puts a scenario's servers on the db bridge (and 127.0.0.1) and its
 // nodes in the namespaces.

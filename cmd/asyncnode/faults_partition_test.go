@@ -5,12 +5,16 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
+
+	"github.com/asyncnode/asyncnode/cluster"
 )
 
 // Partition scenarios: a node is cut off from its peers (not from the
@@ -45,19 +49,69 @@ func partitionsOn(t *testing.T) bool {
 }
 
 // newPartitionEnv builds the network (names starting with prefix, subnets
-// 10.77.cnet.0/24 and 10.77.dnet.0/24) and a 3-node scenario in it, with a
-// third pool "slow" (3 slots, no retry) of tasks that run across the cut;
-// it starts the load and pushes 3 slow tasks.
-func newPartitionEnv(t *testing.T, name, prefix string, cnet, dnet int) (*faultEnv, *netLab) {
+// 10.77.cnet.0/24 and 10.77.dnet.0/24) and a scenario of nodes nodes in it
+// with voters Raft voters (when not the default 3, the nodes run with
+// --voters and the scenario waits until that many vote), with a third pool
+// "slow" (one slot per node, no retry) of tasks that run across the cut;
+// it starts the load and pushes one slow task per node. (Placement is
+// least-loaded first: with fewer slow tasks than nodes the same nodes
+// would get them every time.)
+func newPartitionEnv(t *testing.T, name, prefix string, cnet, dnet, nodes, voters int) (*faultEnv, *netLab) {
 	t.Helper()
-	lab := newNetLab(t, prefix, cnet, dnet, 3)
-	e := newFaultEnvAt(t, name, lab.place(), 3,
-		map[string]any{"target": "slow", "connection_string": "", "max_concurrency": 3, "max_retries": 0})
+	lab := newNetLab(t, prefix, cnet, dnet, nodes)
+	place := lab.place()
+	if voters != cluster.DefaultVoters {
+		place.cluster = func(t *testing.T, dsn string, n int, extra ...string) []*node {
+			t.Helper()
+			nodes := lab.startCluster(t, dsn, n, append(slices.Clone(extra), "--voters", strconv.Itoa(voters))...)
+			waitVoters(t, nodes, voters)
+			return nodes
+		}
+	}
+	e := newFaultEnvAt(t, name, place, nodes,
+		map[string]any{"target": "slow", "connection_string": "", "max_concurrency": nodes, "max_retries": 0})
 	e.rounds = 1
 	e.startLoad()
 	e.waitProgress(60)
-	require.NoError(t, e.push(context.Background(), "slow", 3, partitionSlow, 0))
+	require.NoError(t, e.push(context.Background(), "slow", nodes, partitionSlow, 0))
 	return e, lab
+}
+
+// waitVoters waits until the leader reports want voters (itself included)
+// in the Raft configuration.
+func waitVoters(t *testing.T, nodes []*node, want int) {
+	t.Helper()
+	var roles map[string]cluster.Role
+	require.True(t, assertEventually(func() bool {
+		var ok bool
+		roles, ok = raftRoles(leaderOf(t, nodes))
+		return ok && voterCount(roles) == want
+	}, 60*time.Second), "the cluster never had %d voters: %v", want, roles)
+}
+
+// raftRoles returns every member's Raft role as n's /v1/status reports it
+// (false: n did not answer).
+func raftRoles(n *node) (map[string]cluster.Role, bool) {
+	rep, err := n.status()
+	if err != nil {
+		return nil, false
+	}
+	roles := map[string]cluster.Role{}
+	for _, m := range rep.Members {
+		roles[m.ID] = m.Role
+	}
+	return roles, true
+}
+
+// voterCount counts the voters (the leader included) in roles.
+func voterCount(roles map[string]cluster.Role) int {
+	n := 0
+	for _, r := range roles {
+		if r == cluster.RoleLeader || r == cluster.RoleVoter {
+			n++
+		}
+	}
+	return n
 }
 
 // TestFaultPartitionLeader cuts the leader off from its peers under load
@@ -69,9 +123,9 @@ func TestFaultPartitionLeader(t *testing.T) {
 	if !partitionsOn(t) {
 		return
 	}
-	e, lab := newPartitionEnv(t, "partition-leader", "anpl", 1, 2)
+	e, lab := newPartitionEnv(t, "partition-leader", "anpl", 1, 2, 3, 3)
 	e.waitRunning("slow", nil)
-	e.partitionRound(lab, leaderOf(t, e.nodes), true)
+	e.partitionRound(lab, []*node{leaderOf(t, e.nodes)}, false)
 	e.waitProgress(40)
 	e.finish()
 }
@@ -84,10 +138,10 @@ func TestFaultPartitionFollower(t *testing.T) {
 	if !partitionsOn(t) {
 		return
 	}
-	e, lab := newPartitionEnv(t, "partition-follower", "anpf", 3, 4)
+	e, lab := newPartitionEnv(t, "partition-follower", "anpf", 3, 4, 3, 3)
 	leader := leaderOf(t, e.nodes)
 	victim := e.waitRunning("slow", nodesExcept(e.nodes, leader))
-	e.partitionRound(lab, victim, false)
+	e.partitionRound(lab, []*node{victim}, false)
 	e.waitProgress(40)
 	e.finish()
 }
@@ -115,76 +169,154 @@ func (e *faultEnv) waitRunning(target string, among []*node) *node {
 	return found
 }
 
-// partitionRound cuts victim off from its peers, holds the partition past
-// --lost-after until its attempts are resolved, checks that it stopped its
-// task queries after its lease and that the majority leads, then heals and
-// waits until it runs tasks again. wasLeader: victim led at the cut.
-func (e *faultEnv) partitionRound(lab *netLab, victim *node, wasLeader bool) {
+// partitionRound cuts victims off from the other nodes, holds the
+// partition past --lost-after until their attempts are resolved, and
+// checks that each victim stopped its task queries on the target within
+// its lease (plus stopSlack) and ran no slow task to its end, and that the
+// other nodes lead: if the leader was among the victims a new one
+// dispatches (recovery: cut -> its first dispatch), else the leader is
+// unchanged (recovery: cut -> the victims' attempts all resolved). Then it
+// heals and waits until every node is a live, registered member again and
+// each victim follows the leader and runs tasks.
+//
+// together: the victims move together to the other side of a split
+// (netLab.split) and still reach each other; else each loses its cluster
+// link (netLab.cut) and is alone. Either way the test cannot reach the
+// victims' APIs until the heal, so it watches them through the databases.
+//
+// It prints one line; with several victims the per-node figures are
+// comma-separated in the order of isolated.
+func (e *faultEnv) partitionRound(lab *netLab, victims []*node, together bool) {
 	t := e.t
 	t.Helper()
 	ctx := context.Background()
-	idx := slices.Index(e.nodes, victim)
-	require.GreaterOrEqual(t, idx, 0)
-	majority := nodesExcept(e.nodes, victim)
-	before := victim
-	if !wasLeader {
-		before = leaderOf(t, majority)
+	idx := make([]int, len(victims))
+	ids := make([]string, len(victims))
+	for k, v := range victims {
+		idx[k] = slices.Index(e.nodes, v)
+		require.GreaterOrEqual(t, idx[k], 0)
+		ids[k] = v.id
 	}
-	watch := watchSessions(t, e.tdb, "asyncnode/"+victim.id+"/%")
+	others := slices.DeleteFunc(slices.Clone(e.nodes), func(n *node) bool { return slices.Contains(victims, n) })
+	require.NotEmpty(t, others)
+	before := leaderOf(t, e.nodes)
+	wasLeader := slices.Contains(victims, before)
+	watches := make([]*sessionWatch, len(victims))
+	for k, v := range victims {
+		watches[k] = watchSessions(t, e.tdb, "asyncnode/"+v.id+"/%")
+	}
+	var running int
+	_ = e.db.QueryRow(ctx, `select count(*) from async.task where node = any($1) and target = 'slow'
+		and processed is null and started is not null`, ids).Scan(&running)
+	t.Logf("cutting off %v (together: %v, leader %s); they run %d slow tasks", ids, together, before.id, running)
+
 	at := time.Now()
-	lab.cut(idx)
-	cutDone := time.Now() // the old leader may dispatch until the link is down
+	if together {
+		lab.split(idx)
+	} else {
+		for _, i := range idx {
+			lab.cut(i)
+		}
+	}
+	cutDone := time.Now() // the old leader may dispatch until the links are cut
 	healed := false
+	heal := func() {
+		if together {
+			lab.unsplit(idx)
+		} else {
+			for _, i := range idx {
+				lab.heal(i)
+			}
+		}
+		healed = true
+	}
 	t.Cleanup(func() {
 		if !healed {
-			lab.heal(idx)
+			heal()
 		}
 	})
 
-	leader := leaderOf(t, majority)
+	leader := leaderOf(t, others)
 	if wasLeader {
 		e.recovered(cutDone) // cut -> first dispatch by the new leader
 	} else {
-		check(t, leader == before, "the leader changed from %s to %s although a follower was cut off", before.id, leader.id)
+		check(t, leader == before, "the leader changed from %s to %s although it was not cut off", before.id, leader.id)
 	}
+	// resolved[k]: when victim k last had no unresolved attempt.
+	resolved := make([]time.Duration, len(victims))
 	require.True(t, assertEventually(func() bool {
-		var n int
-		err := e.db.QueryRow(ctx, `select count(*) from async.task where node = $1 and processed is null`, victim.id).Scan(&n)
-		return err == nil && n == 0
-	}, 90*time.Second), "the isolated %s's attempts were never resolved", victim.id)
-	resolved := time.Since(at)
+		all := true
+		for k, v := range victims {
+			var n int
+			err := e.db.QueryRow(ctx, `select count(*) from async.task where node = $1 and processed is null`, v.id).Scan(&n)
+			switch {
+			case err != nil || n > 0:
+				resolved[k], all = 0, false
+			case resolved[k] == 0:
+				resolved[k] = time.Since(at)
+			}
+		}
+		return all
+	}, 90*time.Second), "the attempts of the isolated %v were never resolved", ids)
 	if !wasLeader {
-		e.recovery = append(e.recovery, resolved) // cut -> its attempts resolved
+		e.recovery = append(e.recovery, slices.Max(resolved)) // cut -> their attempts resolved
 	}
 	time.Sleep(time.Until(at.Add(partitionHold))) // hold the partition
-	lastActive := watch.lastActive()
-	stopped := lastActive.Sub(at)
-	check(t, stopped <= partitionLease+stopSlack,
-		"the isolated %s still ran task queries on the target %s after the cut (lease %s)", victim.id, stopped, partitionLease)
-	var slowDone int
-	require.NoError(t, e.tdb.QueryRow(ctx, `select count(*) from ledger where pool = 'slow' and app like $1 and ended is not null`,
-		"asyncnode/"+victim.id+"/%").Scan(&slowDone))
-	check(t, slowDone == 0, "the isolated %s ran %d slow tasks to their end across the cut", victim.id, slowDone)
+	stopped := make([]time.Duration, len(victims))
+	for k, v := range victims {
+		// Last sign of a task query of v: sampled in pg_stat_activity, or
+		// a start or end in the ledger (exact, but a run that was stopped
+		// has no end). Clamped at the cut: 0 means none after it.
+		last := watches[k].lastActive()
+		var lastRun *time.Time
+		require.NoError(t, e.tdb.QueryRow(ctx, `select max(greatest(started, ended)) from ledger where app like $1`,
+			"asyncnode/"+v.id+"/%").Scan(&lastRun))
+		if lastRun != nil && lastRun.After(last) {
+			last = *lastRun
+		}
+		stopped[k] = max(last.Sub(at), 0)
+		check(t, stopped[k] <= partitionLease+stopSlack,
+			"the isolated %s still ran task queries on the target %s after the cut (lease %s)", v.id, stopped[k], partitionLease)
+		var slowDone int
+		require.NoError(t, e.tdb.QueryRow(ctx, `select count(*) from ledger where pool = 'slow' and app like $1 and ended is not null`,
+			"asyncnode/"+v.id+"/%").Scan(&slowDone))
+		check(t, slowDone == 0, "the isolated %s ran %d slow tasks to their end across the cut", v.id, slowDone)
+	}
 
-	lab.heal(idx)
-	healed = true
+	heal()
 	up := time.Now()
-	waitMembers(t, e.nodes, 3)
-	require.True(t, assertEventually(func() bool {
-		rep, err := victim.status()
-		return err == nil && rep.Leader == leader.id && !rep.Scheduler.Dispatching
-	}, 60*time.Second), "after the heal %s does not follow %s", victim.id, leader.id)
-	require.True(t, assertEventually(func() bool {
-		var c int
-		err := e.db.QueryRow(ctx, `select count(*) from async.task where node = $1 and consumed > $2`, victim.id, up).Scan(&c)
-		return err == nil && c > 0
-	}, 60*time.Second), "after the heal %s never ran a task again", victim.id)
-	rejoined := time.Since(up)
-	// Gossip heals within seconds (cluster's reconnect loop); without it
-	// the node stayed dead to its peers for about 45 s.
-	check(t, rejoined <= partitionRejoin, "after the heal %s took %s to run tasks again (want at most %s)", victim.id, rejoined, partitionRejoin)
-	fmt.Printf("scenario=%s isolated=%s was_leader=%v leader_after=%s stopped_after_ms=%d resolved_after_ms=%d rejoined_after_ms=%d\n",
-		e.name, victim.id, wasLeader, leader.id, stopped.Milliseconds(), resolved.Milliseconds(), rejoined.Milliseconds())
+	waitMembers(t, e.nodes, len(e.nodes))
+	rejoined := make([]time.Duration, len(victims))
+	for k, v := range victims {
+		require.True(t, assertEventually(func() bool {
+			rep, err := v.status()
+			return err == nil && rep.Leader == leader.id && !rep.Scheduler.Dispatching
+		}, 60*time.Second), "after the heal %s does not follow %s", v.id, leader.id)
+		// Heal -> the first attempt it was given that took effect
+		// (started), read from the task log: it does not depend on when
+		// this loop looks.
+		var first *time.Time
+		require.True(t, assertEventually(func() bool {
+			err := e.db.QueryRow(ctx, `select min(consumed) from async.task where node = $1 and consumed > $2 and started is not null`,
+				v.id, up).Scan(&first)
+			return err == nil && first != nil
+		}, 60*time.Second), "after the heal %s never ran a task again", v.id)
+		rejoined[k] = first.Sub(up)
+		// Gossip heals within seconds (cluster's reconnect loop); without it
+		// the node stayed dead to its peers for about 45 s.
+		check(t, rejoined[k] <= partitionRejoin, "after the heal %s took %s to run tasks again (want at most %s)", v.id, rejoined[k], partitionRejoin)
+	}
+	fmt.Printf("scenario=%s isolated=%s was_leader=%v leader_after=%s stopped_after_ms=%s resolved_after_ms=%s rejoined_after_ms=%s\n",
+		e.name, strings.Join(ids, ","), wasLeader, leader.id, msList(stopped), msList(resolved), msList(rejoined))
+}
+
+// msList formats durations as comma-separated milliseconds.
+func msList(ds []time.Duration) string {
+	s := make([]string, len(ds))
+	for i, d := range ds {
+		s[i] = strconv.FormatInt(d.Milliseconds(), 10)
+	}
+	return strings.Join(s, ",")
 }
 
 // sessionWatch samples the target's pg_stat_activity for active task
