@@ -42,6 +42,8 @@ type Config struct {
 	Log      hclog.Logger
 	// Cluster timing overrides (tests).
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
+	// CommitTimeout is Raft's commit timeout (0: cluster.DefaultCommitTimeout).
+	CommitTimeout time.Duration
 	// LostAfter is how long a node must be dead before its attempts are resolved.
 	LostAfter time.Duration
 	// Lease is how long this node keeps running its tasks without contact
@@ -69,6 +71,9 @@ type Agent struct {
 	exec  *executor.Executor
 	sched *scheduler.Scheduler
 
+	push     pushState
+	pushStop context.CancelFunc
+
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	once   sync.Once
@@ -91,15 +96,12 @@ func (o observer) mine(as []fsm.Assignment) []fsm.Assignment {
 }
 
 func (o observer) Assigned(as []fsm.Assignment) {
-	mine := o.mine(as)
+	o.a.pushAssigned(as)
+	mine := o.a.notPushed(o.mine(as))
 	if len(mine) == 0 || o.a.exec == nil {
 		return
 	}
-	work := make([]executor.Work, len(mine))
-	for i, x := range mine {
-		work[i] = executor.Work{Ref: pgstore.Ref{TaskID: x.TaskID, Attempt: x.Attempt}, Deadline: time.UnixMilli(x.Deadline)}
-	}
-	o.a.exec.Submit(work)
+	o.a.exec.Submit(works(mine))
 }
 
 func (o observer) Revoked(as []fsm.Assignment) {
@@ -165,6 +167,9 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log.With("node", cfg.NodeID), inc: hex.EncodeToString(b[:])}
 	a.fsm = fsm.New(observer{a})
+	a.push.ctx, a.pushStop = context.WithCancel(context.Background())
+	a.push.senders = map[string]chan assignedBatch{}
+	a.push.pushed = map[fsm.Ref]time.Time{}
 	return a, nil
 }
 
@@ -197,6 +202,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		HTTPAddr: a.cfg.HTTPAddr, Join: a.cfg.Join, Voters: a.cfg.Voters, Key: a.cfg.Key, Token: a.cfg.Token,
 		TLSCert: a.cfg.TLSCert, TLSKey: a.cfg.TLSKey, TLSCA: a.cfg.TLSCA, Log: a.log, BeforeLeave: a.beforeLeave,
 		HeartbeatTimeout: a.cfg.HeartbeatTimeout, ElectionTimeout: a.cfg.ElectionTimeout, LeaderLeaseTimeout: a.cfg.LeaderLeaseTimeout,
+		CommitTimeout: a.cfg.CommitTimeout,
 	}, a.fsm)
 	if err != nil {
 		store.Close()
@@ -416,6 +422,10 @@ func (a *Agent) Drain(ctx context.Context) error {
 func (a *Agent) Stop(ctx context.Context) error {
 	var err error
 	a.once.Do(func() {
+		a.push.mu.Lock()
+		a.push.stopped = true
+		a.push.mu.Unlock()
+		a.pushStop()
 		if a.cancel != nil {
 			a.cancel()
 		}

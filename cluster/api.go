@@ -191,6 +191,17 @@ func (n *Node) notLeader() *APIError {
 	return &APIError{Code: CodeNotLeader, Message: "this node is not the leader", LeaderID: id, LeaderAPI: api}
 }
 
+// Send posts in, as JSON, to path on member id's API (its address as
+// announced in gossip), with this node's token and TLS settings; the answer
+// is discarded. It carries agent-level messages between nodes.
+func (n *Node) Send(ctx context.Context, id, path string, in any) error {
+	mi, ok := n.members.get(id)
+	if !ok || mi.Health != HealthAlive || mi.Meta.API == "" {
+		return fmt.Errorf("cluster: member %q is not alive in gossip", id)
+	}
+	return n.client.at(mi.Meta.API).do(ctx, http.MethodPost, path, in, nil)
+}
+
 func (n *Node) handleHealth(w http.ResponseWriter, _ *http.Request) {
 	h := Health{Status: "ok", ID: n.cfg.NodeID, Role: RoleNone, State: n.raft.State().String(), Term: n.raft.CurrentTerm()}
 	h.LeaderID, _ = n.Leader()

@@ -306,8 +306,8 @@ func (e *Executor) Revoke(refs []pgstore.Ref) int {
 	if report {
 		signal(e.reportWake)
 	}
-	if len(refs) > 0 {
-		e.log.Debug("revoked attempts", "count", len(refs))
+	if stopped > 0 {
+		e.log.Debug("revoked attempts", "count", stopped)
 	}
 	return stopped
 }

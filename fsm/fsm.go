@@ -14,6 +14,7 @@ import (
 	"io"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"github.com/hashicorp/raft"
 )
@@ -153,6 +154,9 @@ type FSM struct {
 	mu  sync.RWMutex
 	st  *state
 	obs Observer
+	// applied is the index of the newest entry applied (or restored from
+	// a snapshot); during an Observer call it is that call's entry.
+	applied atomic.Uint64
 }
 
 type state struct {
@@ -160,6 +164,7 @@ type state struct {
 	Nodes  map[string]NodeReg    `json:"nodes"`
 	Term   uint64                `json:"term"` // newest term that assigned
 	ID     string                `json:"id"`   // cluster identity
+	Index  uint64                `json:"-"`    // newest entry applied
 
 	pools   map[string]int
 	workers int
@@ -228,6 +233,8 @@ func (f *FSM) Apply(l *raft.Log) any {
 		return fmt.Errorf("%w %d at index %d", ErrUnknownType, l.Data[0], l.Index)
 	}
 	f.mu.Lock()
+	f.st.Index = l.Index
+	f.applied.Store(l.Index)
 	res, notify, err := f.call(h, l.Data[1:])
 	f.mu.Unlock()
 	if err != nil {
@@ -440,6 +447,7 @@ const snapshotVersion = 1
 
 type snapshotFile struct {
 	Version int                `json:"version"`
+	Index   uint64             `json:"index,omitempty"` // newest entry applied (absent in older snapshots)
 	Term    uint64             `json:"term"`
 	ID      string             `json:"id"`
 	Nodes   map[string]NodeReg `json:"nodes"`
@@ -451,7 +459,7 @@ type snapshotFile struct {
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	s := &snapshotFile{Version: snapshotVersion, Term: f.st.Term, ID: f.st.ID, Nodes: map[string]NodeReg{}}
+	s := &snapshotFile{Version: snapshotVersion, Index: f.st.Index, Term: f.st.Term, ID: f.st.ID, Nodes: map[string]NodeReg{}}
 	for k, v := range f.st.Nodes {
 		s.Nodes[k] = v
 	}
@@ -485,6 +493,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 		return fmt.Errorf("fsm: restore snapshot: unsupported version %d (want %d)", s.Version, snapshotVersion)
 	}
 	st := newState()
+	st.Index = s.Index
 	st.Term = s.Term
 	st.ID = s.ID
 	for k, v := range s.Nodes {
@@ -496,6 +505,12 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	}
 	f.mu.Lock()
 	f.st = st
+	f.applied.Store(st.Index)
 	f.mu.Unlock()
 	return nil
 }
+
+// Applied returns the index of the newest log entry applied, or restored
+// from a snapshot (0 for a snapshot written before it was recorded). Inside
+// an Observer call it is the index of the entry being applied.
+func (f *FSM) Applied() uint64 { return f.applied.Load() }

@@ -173,3 +173,37 @@ type memSink struct{ bytes.Buffer }
 func (m *memSink) ID() string    { return "mem" }
 func (m *memSink) Cancel() error { return nil }
 func (m *memSink) Close() error  { return nil }
+
+// indexRecorder records Applied() as seen from inside Observer calls.
+type indexRecorder struct {
+	f    *FSM
+	seen []uint64
+}
+
+func (r *indexRecorder) Assigned([]Assignment) { r.seen = append(r.seen, r.f.Applied()) }
+func (r *indexRecorder) Revoked([]Assignment)  {}
+func (r *indexRecorder) Released([]Ref)        {}
+
+// TestAppliedIndex: Applied is the entry being applied inside an Observer
+// call and the newest one after; a snapshot carries it to a restored FSM.
+func TestAppliedIndex(t *testing.T) {
+	r := &indexRecorder{}
+	f := New(r)
+	r.f = f
+	require.Zero(t, f.Applied())
+	for i, id := range []int64{1, 2} {
+		b, err := Encode(MsgAssign, Assign{Term: 1, Items: []Assignment{{TaskID: id, Attempt: 1, Node: "a", Pool: "p"}}})
+		require.NoError(t, err)
+		f.Apply(&raft.Log{Index: uint64(10 + i), Data: b})
+	}
+	require.Equal(t, []uint64{10, 11}, r.seen)
+	require.Equal(t, uint64(11), f.Applied())
+
+	snap, err := f.Snapshot()
+	require.NoError(t, err)
+	sink := &memSink{}
+	require.NoError(t, snap.Persist(sink))
+	g := New(nil)
+	require.NoError(t, g.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))))
+	require.Equal(t, uint64(11), g.Applied())
+}

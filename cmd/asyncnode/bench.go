@@ -166,6 +166,9 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	if err := b.startCluster(ctx, b.f.nodes); err != nil {
 		return err
 	}
+	if err := b.warmUp(ctx, min(b.f.tasks, 2000), "select 0"); err != nil {
+		return err
+	}
 	if err := b.throughput(ctx, "empty"); err != nil {
 		return err
 	}
@@ -271,6 +274,19 @@ func (b *bench) pushAndWait(ctx context.Context, n int, query string) error {
 		return err
 	}
 	return b.waitDrained(ctx, 10*time.Minute)
+}
+
+// warmUp runs n tasks of query, unmeasured, and removes them, so that the
+// figures that follow are those of a running cluster (task and server
+// connections open, first-use costs paid), not of its first seconds.
+func (b *bench) warmUp(ctx context.Context, n int, query string) error {
+	if err := b.reset(ctx, true); err != nil {
+		return err
+	}
+	if err := b.pushAndWait(ctx, n, query); err != nil {
+		return fmt.Errorf("warm-up: %w", err)
+	}
+	return b.reset(ctx, true)
 }
 
 func (b *bench) waitDrained(ctx context.Context, limit time.Duration) error {
@@ -561,7 +577,7 @@ func (b *bench) scaleOut(ctx context.Context) error {
 		if err := b.startCluster(ctx, n, "--max-tasks", fmt.Sprint(b.f.perNode)); err != nil {
 			return err
 		}
-		if err := b.reset(ctx, true); err != nil {
+		if err := b.warmUp(ctx, 2*n*b.f.perNode, "select pg_sleep(0.05)"); err != nil {
 			return err
 		}
 		if err := b.pushAndWait(ctx, b.f.sleepTasks, "select pg_sleep(0.05)"); err != nil {

@@ -462,3 +462,43 @@ func TestFrozenNodeIsFencedOnTheTarget(t *testing.T) {
 	require.NoError(t, db.QueryRow(ctx, `select string_agg(task_id || ':' || attempt || ':' || finish_status, ',' order by task_id) from async.task t join runs using (task_id)`).Scan(&after))
 	require.Equal(t, before, after)
 }
+
+// TestFollowersStartAssignmentsWithoutWaitingForRaft: the leader pushes
+// committed assignments to followers, so a follower starts its tasks at
+// once instead of when Raft next tells it the commit index. With a 5 s
+// commit timeout and an otherwise idle cluster, a follower that waited for
+// Raft would start its tasks only when the leader's own tasks end (their
+// releases are the next entries), 1 s later.
+func TestFollowersStartAssignmentsWithoutWaitingForRaft(t *testing.T) {
+	dsn := newDB(t)
+	initDB(t, dsn)
+	db := pool(t, dsn)
+	ctx := context.Background()
+	_, err := db.Exec(ctx, `select async.configure('{"targets":[{"target":"SELF","max_concurrency":9}]}')`)
+	require.NoError(t, err)
+	nodes := startCluster(t, dsn, 3, "--raft-commit-timeout", "5s")
+	leader := leaderOf(t, nodes)
+	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select pg_sleep(1)', 'SELF'))) from generate_series(1, 9)`)
+	require.NoError(t, err)
+	waitAllDone(t, db, 60*time.Second)
+	rows, err := db.Query(ctx, `select node, count(*), max(extract(epoch from started - consumed))::float8
+		from async.task where finish_status = 'FINISHED' group by node order by node`)
+	require.NoError(t, err)
+	followers, total := 0, 0
+	for rows.Next() {
+		var node string
+		var n int
+		var wait float64
+		require.NoError(t, rows.Scan(&node, &n, &wait))
+		total += n
+		t.Logf("%s ran %d tasks; longest claim-to-start %.3f s", node, n, wait)
+		if node == leader.id {
+			continue
+		}
+		followers += n
+		require.Less(t, wait, 0.5, "follower %s waited %.3f s to start a task it was assigned", node, wait)
+	}
+	require.NoError(t, rows.Err())
+	require.Equal(t, 9, total, "not every task FINISHED")
+	require.Positive(t, followers, "no task ran on a follower")
+}

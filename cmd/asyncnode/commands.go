@@ -23,6 +23,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/asyncnode/asyncnode/agent"
+	"github.com/asyncnode/asyncnode/cluster"
 	"github.com/asyncnode/asyncnode/pgstore"
 )
 
@@ -107,7 +108,7 @@ type runFlags struct {
 	join                                                 listFlag
 	voters, maxTasks                                     int
 	gossipKey, token, tlsCert, tlsKey, tlsCA             string
-	lostAfter, lease, shutdown                           time.Duration
+	lostAfter, lease, shutdown, commitTimeout            time.Duration
 	pprof                                                bool
 	log                                                  logFlags
 }
@@ -129,6 +130,7 @@ func (r *runFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&r.tlsCA, "tls-ca", "", "TLS CA bundle that peers' certificates must chain to")
 	fs.DurationVar(&r.lostAfter, "lost-after", 10*time.Second, "how long a node must be unreachable before its tasks are resolved as lost")
 	fs.DurationVar(&r.lease, "lease", 0, "how long this node keeps running tasks without contact with the leader (0: half of --lost-after, at least 1s)")
+	fs.DurationVar(&r.commitTimeout, "raft-commit-timeout", cluster.DefaultCommitTimeout, "longest wait for Raft to tell followers that entries committed when none follow (1ms-10s; shorter: sooner revocations on followers, more CPU when idle)")
 	fs.BoolVar(&r.pprof, "pprof", false, "serve Go profiles under /debug/pprof/ on the node API")
 	fs.DurationVar(&r.shutdown, "shutdown-timeout", 10*time.Second, "on SIGTERM, how long running tasks may finish before they are stopped")
 	r.log.register(fs)
@@ -176,6 +178,9 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	if err := positive("shutdown-timeout", r.shutdown); err != nil {
 		return nil, err
 	}
+	if r.commitTimeout < time.Millisecond || r.commitTimeout > 10*time.Second {
+		return nil, usagef("--raft-commit-timeout must be between 1ms and 10s, got %s", r.commitTimeout)
+	}
 	var key []byte
 	if r.gossipKey != "" {
 		k, err := base64.StdEncoding.DecodeString(r.gossipKey)
@@ -202,7 +207,7 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	return &agent.Config{NodeID: r.nodeID, DSN: r.dsn, DataDir: r.dataDir, RaftAddr: r.raftAddr,
 		GossipAddr: r.gossipAddr, HTTPAddr: r.httpAddr, Join: r.join, Voters: r.voters, Key: key,
 		Token: r.token, TLSCert: r.tlsCert, TLSKey: r.tlsKey, TLSCA: r.tlsCA, MaxTasks: r.maxTasks,
-		LostAfter: r.lostAfter, Lease: r.lease, DrainTimeout: r.shutdown, Pprof: r.pprof}, nil
+		LostAfter: r.lostAfter, Lease: r.lease, DrainTimeout: r.shutdown, Pprof: r.pprof, CommitTimeout: r.commitTimeout}, nil
 }
 
 func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) string) error {
