@@ -115,8 +115,13 @@ func freeAddr(t *testing.T) string {
 
 func newNode(t *testing.T, dsn, id string, extra ...string) *node {
 	dir := t.TempDir()
-	n := &node{t: t, id: id, dsn: dsn, dataDir: filepath.Join(dir, "data"), api: freeAddr(t),
-		raft: freeAddr(t), gossip: freeAddr(t), extra: extra, logPath: filepath.Join(dir, id+".log")}
+	// Picked together: three ports picked one by one can repeat (a node
+	// once got the same port for Raft and gossip).
+	ports, err := pglocal.FreePorts(3)
+	require.NoError(t, err)
+	addr := func(p int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(p)) }
+	n := &node{t: t, id: id, dsn: dsn, dataDir: filepath.Join(dir, "data"), api: addr(ports[0]),
+		raft: addr(ports[1]), gossip: addr(ports[2]), extra: extra, logPath: filepath.Join(dir, id+".log")}
 	t.Cleanup(func() {
 		n.kill()
 		if t.Failed() {

@@ -42,12 +42,10 @@ func startLocalCluster(dsn, dir string, n int, logLevel string, extra ...string)
 	voters := min(n, 3)
 	addr := func(p int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(p)) }
 	for i := 1; i <= n; i++ {
-		ports := make([]int, 3)
-		for j := range ports {
-			if ports[j], err = pglocal.FreePort(); err != nil {
-				lc.stop()
-				return nil, err
-			}
+		ports, err := pglocal.FreePorts(3)
+		if err != nil {
+			lc.stop()
+			return nil, err
 		}
 		id := "node" + strconv.Itoa(i)
 		args := []string{"run", "--dsn", dsn, "--node-id", id, "--data-dir", filepath.Join(dir, id),

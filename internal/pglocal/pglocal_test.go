@@ -52,3 +52,18 @@ func TestListenAddresses(t *testing.T) {
 		c.Close(ctx)
 	}
 }
+
+// TestFreePortsAreDistinct: ports picked together never repeat.
+func TestFreePortsAreDistinct(t *testing.T) {
+	for range 20 {
+		ports, err := FreePorts(16)
+		require.NoError(t, err)
+		require.Len(t, ports, 16)
+		seen := map[int]bool{}
+		for _, p := range ports {
+			require.False(t, seen[p], "port %d handed out twice in %v", p, ports)
+			require.Positive(t, p)
+			seen[p] = true
+		}
+	}
+}
