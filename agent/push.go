@@ -83,11 +83,12 @@ func (a *Agent) pushAssigned(as []fsm.Assignment) {
 			a.push.senders[node] = q
 			a.goRun(func() { a.sendAssigned(node, q) })
 		}
-		a.push.mu.Unlock()
+		// Under the lock: a sender only ends, idle, with an empty queue.
 		select {
 		case q <- assignedBatch{Index: index, Items: items}:
 		default: // full: the FSM delivers these anyway
 		}
+		a.push.mu.Unlock()
 	}
 }
 
