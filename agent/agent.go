@@ -423,9 +423,8 @@ func (a *Agent) Stop(ctx context.Context) error {
 	var err error
 	a.once.Do(func() {
 		a.push.mu.Lock()
-		a.push.stopped = true
+		a.pushStop() // under the lock: no sender starts after this
 		a.push.mu.Unlock()
-		a.pushStop()
 		if a.cancel != nil {
 			a.cancel()
 		}

@@ -62,7 +62,7 @@ func (a *Agent) registerAPI() {
 		a.node.Handle("/debug/pprof/symbol", http.HandlerFunc(pprof.Symbol))
 		a.node.Handle("/debug/pprof/trace", http.HandlerFunc(pprof.Trace))
 	}
-	a.node.Handle(assignedPath, http.HandlerFunc(a.handleAssigned))
+	cluster.HandlePost(a.node, assignedPath, a.handleAssigned)
 	a.node.Handle("/v1/status", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 		defer cancel()

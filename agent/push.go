@@ -2,8 +2,6 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
-	"net/http"
 	"sync"
 	"time"
 
@@ -51,9 +49,8 @@ type assignedRequest struct {
 // pushState is the leader's senders and the follower's record of attempts
 // that arrived by push before the FSM delivered them.
 type pushState struct {
-	ctx     context.Context // ends when the agent stops
+	ctx     context.Context // ends when the agent stops (cancelled under mu: no new senders after)
 	mu      sync.Mutex
-	stopped bool                          // no new senders
 	senders map[string]chan assignedBatch // leader: destination node -> queue
 	pushed  map[fsm.Ref]time.Time         // follower: submitted from a push
 }
@@ -73,7 +70,7 @@ func (a *Agent) pushAssigned(as []fsm.Assignment) {
 	}
 	for node, items := range byNode {
 		a.push.mu.Lock()
-		if a.push.stopped {
+		if a.push.ctx.Err() != nil {
 			a.push.mu.Unlock()
 			return
 		}
@@ -135,22 +132,10 @@ func (a *Agent) sendAssigned(node string, q chan assignedBatch) {
 
 // handleAssigned serves POST /v1/assigned on every node: it starts the
 // pushed attempts meant for this process that its FSM has not delivered.
-func (a *Agent) handleAssigned(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", http.MethodPost)
-		http.Error(w, `{"code":"method_not_allowed","message":"use POST"}`, http.StatusMethodNotAllowed)
-		return
-	}
-	var req assignedRequest
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 8<<20)).Decode(&req); err != nil {
-		http.Error(w, `{"code":"bad_request","message":"malformed assignment push"}`, http.StatusBadRequest)
-		return
-	}
+func (a *Agent) handleAssigned(req assignedRequest) {
 	for _, b := range req.Batches {
 		a.submitPushed(b)
 	}
-	w.Header().Set("Content-Type", "application/json")
-	_, _ = w.Write([]byte(`{"ok":true}` + "\n"))
 }
 
 // submitPushed submits the attempts of b meant for this process, unless

@@ -202,6 +202,22 @@ func (n *Node) Send(ctx context.Context, id, path string, in any) error {
 	return n.client.at(mi.Meta.API).do(ctx, http.MethodPost, path, in, nil)
 }
 
+// HandlePost registers an extra POST endpoint whose body is a JSON T, with
+// the built-in endpoints' checks and answers: bearer token, method, size
+// cap, a JSON error for a malformed body, 503 while the node shuts down,
+// and {"ok":true} once h returned. Like Handle, it must be called before
+// Start.
+func HandlePost[T any](n *Node, path string, h func(T)) {
+	n.Handle(path, n.method(http.MethodPost, func(w http.ResponseWriter, r *http.Request) {
+		var v T
+		if !readJSON(w, r, &v) {
+			return
+		}
+		h(v)
+		writeJSON(w, http.StatusOK, okResponse{OK: true})
+	}))
+}
+
 func (n *Node) handleHealth(w http.ResponseWriter, _ *http.Request) {
 	h := Health{Status: "ok", ID: n.cfg.NodeID, Role: RoleNone, State: n.raft.State().String(), Term: n.raft.CurrentTerm()}
 	h.LeaderID, _ = n.Leader()

@@ -164,7 +164,6 @@ type state struct {
 	Nodes  map[string]NodeReg    `json:"nodes"`
 	Term   uint64                `json:"term"` // newest term that assigned
 	ID     string                `json:"id"`   // cluster identity
-	Index  uint64                `json:"-"`    // newest entry applied
 
 	pools   map[string]int
 	workers int
@@ -233,7 +232,6 @@ func (f *FSM) Apply(l *raft.Log) any {
 		return fmt.Errorf("%w %d at index %d", ErrUnknownType, l.Data[0], l.Index)
 	}
 	f.mu.Lock()
-	f.st.Index = l.Index
 	f.applied.Store(l.Index)
 	res, notify, err := f.call(h, l.Data[1:])
 	f.mu.Unlock()
@@ -459,7 +457,7 @@ type snapshotFile struct {
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	s := &snapshotFile{Version: snapshotVersion, Index: f.st.Index, Term: f.st.Term, ID: f.st.ID, Nodes: map[string]NodeReg{}}
+	s := &snapshotFile{Version: snapshotVersion, Index: f.applied.Load(), Term: f.st.Term, ID: f.st.ID, Nodes: map[string]NodeReg{}}
 	for k, v := range f.st.Nodes {
 		s.Nodes[k] = v
 	}
@@ -493,7 +491,6 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 		return fmt.Errorf("fsm: restore snapshot: unsupported version %d (want %d)", s.Version, snapshotVersion)
 	}
 	st := newState()
-	st.Index = s.Index
 	st.Term = s.Term
 	st.ID = s.ID
 	for k, v := range s.Nodes {
@@ -505,7 +502,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	}
 	f.mu.Lock()
 	f.st = st
-	f.applied.Store(st.Index)
+	f.applied.Store(s.Index)
 	f.mu.Unlock()
 	return nil
 }

@@ -91,8 +91,9 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 		return usagef("--sleep-tasks must be positive, got %d", f.sleepTasks)
 	case f.profileSeconds < 0 || (f.profileSeconds > 0 && f.profileDir == ""):
 		return usagef("--profile-seconds needs --profile-dir and must not be negative")
-	case f.soak < 0:
-		return usagef("--soak must not be negative, got %s", f.soak)
+	case f.soak < 0 || (f.soak > 0 && f.soak < time.Second):
+		// Shorter, the first memory reading might never be taken.
+		return usagef("--soak must be 0 or at least 1s, got %s", f.soak)
 	case f.soakRate < 10:
 		return usagef("--soak-rate must be at least 10 tasks/s, got %d", f.soakRate)
 	}
