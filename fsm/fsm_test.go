@@ -149,13 +149,7 @@ func TestSnapshotRestore(t *testing.T) {
 	apply(t, f, MsgRelease, Release{Items: []ReleaseItem{{Ref: Ref{3, 1}, Yielded: true, HoldPool: true}}})
 	apply(t, f, MsgRevoke, Revoke{Items: []Ref{{1, 1}}})
 
-	snap, err := f.Snapshot()
-	require.NoError(t, err)
-	sink := &memSink{}
-	require.NoError(t, snap.Persist(sink))
-
-	g := New(nil)
-	require.NoError(t, g.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))))
+	g := restoredCopy(t, f)
 	require.Equal(t, f.Assignments(), g.Assignments())
 	require.Equal(t, f.Counts(), g.Counts())
 	require.Equal(t, f.Nodes(), g.Nodes())
@@ -199,11 +193,17 @@ func TestAppliedIndex(t *testing.T) {
 	require.Equal(t, []uint64{10, 11}, r.seen)
 	require.Equal(t, uint64(11), f.Applied())
 
+	require.Equal(t, uint64(11), restoredCopy(t, f).Applied())
+}
+
+// restoredCopy snapshots f and restores the snapshot into a new FSM.
+func restoredCopy(t *testing.T, f *FSM) *FSM {
+	t.Helper()
 	snap, err := f.Snapshot()
 	require.NoError(t, err)
 	sink := &memSink{}
 	require.NoError(t, snap.Persist(sink))
 	g := New(nil)
 	require.NoError(t, g.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))))
-	require.Equal(t, uint64(11), g.Applied())
+	return g
 }

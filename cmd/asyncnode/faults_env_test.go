@@ -270,6 +270,11 @@ func (e *faultEnv) recovered(since time.Time) time.Duration {
 	return d
 }
 
+// hold keeps a fault in place until d after since. The fault's duration is
+// part of the scenario, not a condition to wait for, so this is a plain
+// sleep.
+func hold(since time.Time, d time.Duration) { time.Sleep(time.Until(since.Add(d))) }
+
 // live returns the running nodes.
 func (e *faultEnv) live() []*node {
 	var out []*node

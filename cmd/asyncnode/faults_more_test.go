@@ -79,7 +79,7 @@ func TestFaultTargetConnExhaustion(t *testing.T) {
 		return count(`select count(*) from async.task where target = 'cx' and started is not null`) >= 3
 	}, 30*time.Second), "no cx task was started on a node during the fault")
 	// Hold the fault; meanwhile the cx tasks wait, and t0 and t1 go on.
-	time.Sleep(time.Until(at.Add(exhaustHold)))
+	hold(at, exhaustHold)
 	var ran int
 	require.NoError(t, e.tdb.QueryRow(ctx, `select count(*) from ledger where pool in ('cx', 'cxd')`).Scan(&ran))
 	require.Zero(t, ran, "a task of the exhausted role ran during the fault: the fault was not in place")

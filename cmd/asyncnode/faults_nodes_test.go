@@ -162,19 +162,7 @@ func TestFaultSigstopFollowerTimeout(t *testing.T) {
 	ctx := context.Background()
 	for r := 0; r < e.rounds; r++ {
 		require.NoError(t, e.push(ctx, "slow", 3, faultSlow, 2*time.Second))
-		leader := leaderOf(t, e.nodes)
-		var victim *node
-		require.True(t, assertEventually(func() bool {
-			for _, n := range nodesExcept(e.live(), leader) {
-				var c int
-				_ = e.db.QueryRow(ctx, `select count(*) from async.task where node = $1 and target = 'slow' and processed is null and started is not null`, n.id).Scan(&c)
-				if c > 0 {
-					victim = n
-					return true
-				}
-			}
-			return false
-		}, 60*time.Second), "no follower runs a slow task")
+		victim := e.waitRunning("slow", nodesExcept(e.live(), leaderOf(t, e.nodes)))
 		at := time.Now()
 		freeze(t, victim)
 		require.True(t, assertEventually(func() bool {
@@ -185,7 +173,7 @@ func TestFaultSigstopFollowerTimeout(t *testing.T) {
 		// Recovery here: freeze -> its attempts resolved.
 		e.recovery = append(e.recovery, time.Since(at))
 		// Stay frozen past the slow task's timeout and --lost-after.
-		require.True(t, assertEventually(func() bool { return time.Since(at) > 8*time.Second }, 10*time.Second))
+		hold(at, 8*time.Second)
 		victim.signal(syscall.SIGCONT)
 		waitMembers(t, e.nodes, 3)
 	}

@@ -47,15 +47,7 @@ func TestFaultPartitionMinorityLeader(t *testing.T) {
 	if !partitionsOn(t) {
 		return
 	}
-	e, lab := newPartitionEnv(t, "partition-minority-leader", "anpm", 5, 6, partition5Nodes, partition5Voters)
-	leader := leaderOf(t, e.nodes)
-	// A follower that runs a slow task, so that the minority's lease is
-	// seen stopping a long query.
-	e.waitRunning("slow", nodesExcept(e.nodes, leader))
-	side := e.pickMinority(leader, []*node{leader}, 1)
-	e.partitionRound(lab, side, true)
-	e.waitProgress(40)
-	e.finish()
+	minoritySplit(t, "partition-minority-leader", "anpm", 5, 6, true)
 }
 
 // TestFaultPartitionMinorityFollowers splits two followers off from the
@@ -68,11 +60,25 @@ func TestFaultPartitionMinorityFollowers(t *testing.T) {
 	if !partitionsOn(t) {
 		return
 	}
-	e, lab := newPartitionEnv(t, "partition-minority-followers", "anpn", 7, 8, partition5Nodes, partition5Voters)
+	minoritySplit(t, "partition-minority-followers", "anpn", 7, 8, false)
+}
+
+// minoritySplit runs one 5-node scenario (network names prefix, subnets
+// cnet and dnet): it splits off two nodes, the leader and a follower when
+// withLeader is set, else two followers, holds and heals the split
+// (partitionRound), and checks the history.
+func minoritySplit(t *testing.T, name, prefix string, cnet, dnet int, withLeader bool) {
+	t.Helper()
+	e, lab := newPartitionEnv(t, name, prefix, cnet, dnet, partition5Nodes, partition5Voters)
 	leader := leaderOf(t, e.nodes)
+	// A follower that runs a slow task, so that the split-off side's lease
+	// is seen stopping a long query.
 	e.waitRunning("slow", nodesExcept(e.nodes, leader))
-	side := e.pickMinority(leader, nil, 2)
-	e.partitionRound(lab, side, true)
+	must, more := []*node(nil), 2
+	if withLeader {
+		must, more = []*node{leader}, 1
+	}
+	e.partitionRound(lab, e.pickMinority(leader, must, more), true)
 	e.waitProgress(40)
 	e.finish()
 }

@@ -261,7 +261,7 @@ func (e *faultEnv) partitionRound(lab *netLab, victims []*node, together bool) {
 	if !wasLeader {
 		e.recovery = append(e.recovery, slices.Max(resolved)) // cut -> their attempts resolved
 	}
-	time.Sleep(time.Until(at.Add(partitionHold))) // hold the partition
+	hold(at, partitionHold) // hold the partition
 	stopped := make([]time.Duration, len(victims))
 	for k, v := range victims {
 		// Last sign of a task query of v: sampled in pg_stat_activity, or

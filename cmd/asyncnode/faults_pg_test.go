@@ -24,7 +24,7 @@ func restartPG(t *testing.T, s *pglocal.Server, mode pglocal.StopMode) time.Time
 	t.Helper()
 	require.NoError(t, s.Halt(mode))
 	down := time.Now()
-	require.True(t, assertEventually(func() bool { return time.Since(down) >= pgDownFor }, 2*pgDownFor))
+	hold(down, pgDownFor)
 	require.NoError(t, s.Start(context.Background()))
 	return time.Now()
 }
