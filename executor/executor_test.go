@@ -596,14 +596,18 @@ func TestTimeoutCancelsQuery(t *testing.T) {
 
 func TestTimeoutTerminatesQueryIgnoringCancel(t *testing.T) {
 	h := newHarness(t, func(c *Config) { c.TerminateAfter = 300 * time.Millisecond })
+	// The task records its backend first (committed on its own): the
+	// stubborn query is only visible for about 800 ms, which a poll of
+	// pg_stat_activity can miss on a loaded machine.
+	sqlExec(t, h.dsn, `create table stubborn_pid(pid int)`)
 	start := time.Now()
-	ref := h.submit(task{query: `do $$ /* stubborn-marker */ begin
+	ref := h.submit(task{query: `insert into stubborn_pid values (pg_backend_pid()); commit;
+		do $$ /* stubborn-marker */ begin
 		loop begin perform pg_sleep(30); exception when query_canceled then null; end; end loop; end $$`,
 		timeout: 500 * time.Millisecond})[0]
-	var pid int64
-	require.Eventually(t, func() bool { pid = activeBackend(t, h, "stubborn-marker"); return pid != 0 },
-		10*time.Second, 10*time.Millisecond)
 	_, o, ok := h.waitDone(ref, 30*time.Second)
+	pid := sqlInt(t, h.dsn, `select coalesce(max(pid), 0) from stubborn_pid`)
+	require.NotZero(t, pid, "the task never ran")
 	require.True(t, ok)
 	require.Equal(t, pgstore.StatusTimedOut, o.Status)
 	require.Equal(t, TimeoutError, errText(o))
