@@ -49,7 +49,7 @@ func (n *Node) reconcileLoop() {
 		if !leading {
 			// Make sure the configuration read below includes everything
 			// committed by earlier leaders.
-			if err := n.raft.Barrier(changeTimeout).Error(); err != nil {
+			if err := n.await(n.raft.Barrier(changeTimeout)); err != nil {
 				n.log.Warn("reconcile: barrier failed", "error", err)
 				continue
 			}
@@ -131,7 +131,7 @@ func (n *Node) reconcile(missing map[raft.ServerID]time.Time) {
 			continue
 		}
 		n.log.Info("removing server", "member", s.ID, "reason", reason, "suffrage", s.Suffrage.String())
-		if err := n.raft.RemoveServer(s.ID, 0, changeTimeout).Error(); err != nil {
+		if err := n.await(n.raft.RemoveServer(s.ID, 0, changeTimeout)); err != nil {
 			n.log.Warn("remove server failed", "member", s.ID, "error", err)
 			return
 		}
@@ -164,7 +164,7 @@ func (n *Node) reconcile(missing map[raft.ServerID]time.Time) {
 		} else {
 			f = n.raft.AddNonvoter(self, raft.ServerAddress(n.raftAddr), 0, changeTimeout)
 		}
-		if err := f.Error(); err != nil {
+		if err := n.await(f); err != nil {
 			n.log.Warn("update own address failed", "error", err)
 			return
 		}
@@ -204,13 +204,13 @@ func (n *Node) reconcile(missing map[raft.ServerID]time.Time) {
 			} else {
 				f = n.raft.AddNonvoter(s.ID, addr, 0, changeTimeout)
 			}
-			if err := f.Error(); err != nil {
+			if err := n.await(f); err != nil {
 				n.log.Warn("update server address failed", "member", id, "error", err)
 				return
 			}
 		case c.Meta.Voter && voters < n.cfg.Voters:
 			n.log.Info("adding voter", "member", id, "raft", addr)
-			if err := n.raft.AddVoter(raft.ServerID(id), addr, 0, changeTimeout).Error(); err != nil {
+			if err := n.await(n.raft.AddVoter(raft.ServerID(id), addr, 0, changeTimeout)); err != nil {
 				n.log.Warn("add voter failed", "member", id, "error", err)
 				return
 			}
@@ -218,7 +218,7 @@ func (n *Node) reconcile(missing map[raft.ServerID]time.Time) {
 			byID[id] = raft.Server{ID: raft.ServerID(id), Address: addr, Suffrage: raft.Voter}
 		default:
 			n.log.Info("adding non-voter", "member", id, "raft", addr)
-			if err := n.raft.AddNonvoter(raft.ServerID(id), addr, 0, changeTimeout).Error(); err != nil {
+			if err := n.await(n.raft.AddNonvoter(raft.ServerID(id), addr, 0, changeTimeout)); err != nil {
 				n.log.Warn("add non-voter failed", "member", id, "error", err)
 				return
 			}
@@ -241,7 +241,7 @@ func (n *Node) reconcile(missing map[raft.ServerID]time.Time) {
 			break
 		}
 		n.log.Info("promoting non-voter", "member", pick.ID, "voters", voters, "want", n.cfg.Voters)
-		if err := n.raft.AddVoter(pick.ID, pick.Address, 0, changeTimeout).Error(); err != nil {
+		if err := n.await(n.raft.AddVoter(pick.ID, pick.Address, 0, changeTimeout)); err != nil {
 			n.log.Warn("promote failed", "member", pick.ID, "error", err)
 			return
 		}
@@ -271,7 +271,7 @@ func (n *Node) reconcile(missing map[raft.ServerID]time.Time) {
 			break
 		}
 		n.log.Info("demoting surplus voter", "member", pick.ID, "voters", voters, "want", n.cfg.Voters)
-		if err := n.raft.DemoteVoter(pick.ID, 0, changeTimeout).Error(); err != nil {
+		if err := n.await(n.raft.DemoteVoter(pick.ID, 0, changeTimeout)); err != nil {
 			n.log.Warn("demote failed", "member", pick.ID, "error", err)
 			return
 		}
@@ -334,4 +334,18 @@ func (n *Node) savePeers(saved *string) {
 		return
 	}
 	*saved = key
+}
+
+// await waits for a Raft future, or until the node stops: Stop shuts Raft
+// down and then waits for this loop, and a configuration change that Raft
+// accepted just before shutting down may never be answered.
+func (n *Node) await(f raft.Future) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return err
+	case <-n.stopCh:
+		return ErrStopped
+	}
 }
