@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sync"
@@ -145,12 +146,38 @@ func (r reporter) Report(ctx context.Context, done []executor.Done) error {
 	for i, d := range done {
 		items[i] = fsm.ReleaseItem{Ref: fsm.Ref{TaskID: d.TaskID, Attempt: d.Attempt}, Yielded: d.Yielded, HoldPool: d.HoldPool}
 	}
+	if r.a.node.IsLeader() {
+		if err := r.a.sched.Release(ctx, items); !errors.Is(err, scheduler.ErrNotDispatching) {
+			return err
+		}
+	}
 	b, err := fsm.Encode(fsm.MsgRelease, fsm.Release{Items: items})
 	if err != nil {
 		return err
 	}
 	_, err = r.a.node.Apply(ctx, b)
 	return err
+}
+
+// forwarded runs on the leader for each command a follower forwards: a
+// Release goes to the scheduler, which commits it with the next
+// assignments (see Scheduler.Release); anything else, and a Release while
+// the scheduler does not dispatch, goes to Raft as usual.
+func (a *Agent) forwarded(ctx context.Context, cmd []byte) ([]byte, bool, error) {
+	if len(cmd) == 0 || fsm.MessageType(cmd[0]) != fsm.MsgRelease || a.sched == nil {
+		return nil, false, nil
+	}
+	var rel fsm.Release
+	if err := json.Unmarshal(cmd[1:], &rel); err != nil {
+		return nil, false, nil // Raft's FSM refuses it with its own error
+	}
+	if err := a.sched.Release(ctx, rel.Items); err != nil {
+		if errors.Is(err, scheduler.ErrNotDispatching) {
+			return nil, false, nil
+		}
+		return nil, true, err
+	}
+	return nil, true, nil
 }
 
 // New validates cfg and builds the node's parts (nothing runs yet).
@@ -202,7 +229,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		HTTPAddr: a.cfg.HTTPAddr, Join: a.cfg.Join, Voters: a.cfg.Voters, Key: a.cfg.Key, Token: a.cfg.Token,
 		TLSCert: a.cfg.TLSCert, TLSKey: a.cfg.TLSKey, TLSCA: a.cfg.TLSCA, Log: a.log, BeforeLeave: a.beforeLeave,
 		HeartbeatTimeout: a.cfg.HeartbeatTimeout, ElectionTimeout: a.cfg.ElectionTimeout, LeaderLeaseTimeout: a.cfg.LeaderLeaseTimeout,
-		CommitTimeout: a.cfg.CommitTimeout,
+		CommitTimeout: a.cfg.CommitTimeout, Forwarded: a.forwarded,
 	}, a.fsm)
 	if err != nil {
 		store.Close()

@@ -249,7 +249,13 @@ func (n *Node) handleApply(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), DefaultApplyTimeout)
 	defer cancel()
-	res, err := n.applyLocal(ctx, req.Cmd)
+	res, handled, err := []byte(nil), false, error(nil)
+	if n.cfg.Forwarded != nil {
+		res, handled, err = n.cfg.Forwarded(ctx, req.Cmd)
+	}
+	if !handled {
+		res, err = n.applyLocal(ctx, req.Cmd)
+	}
 	if err != nil {
 		writeError(w, n.errorFor(err))
 		return

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -476,4 +477,42 @@ func startOn(t testing.TB, fn *faultnet.Network, cfg cluster.Config, gossip bool
 		fn.Register(cfg.NodeID, n.GossipAddr())
 	}
 	return n
+}
+
+// The leader's Forwarded hook sees what followers forward, before Raft: a
+// command it handles gets the hook's answer and never reaches the log; one
+// it leaves goes to Raft as usual. The leader's own Apply skips the hook.
+func TestForwardedHook(t *testing.T) {
+	var mu sync.Mutex
+	var seen []string
+	hook := func(_ context.Context, cmd []byte) ([]byte, bool, error) {
+		mu.Lock()
+		seen = append(seen, string(cmd))
+		mu.Unlock()
+		if string(cmd) == "mine" {
+			return []byte("handled"), true, nil
+		}
+		return nil, false, nil
+	}
+	withHook := func(c cluster.Config) cluster.Config { c.Forwarded = hook; return c }
+	n1 := startNode(t, withHook(baseConfig(t, "n1")))
+	waitLeader(t, n1)
+	n2 := startNode(t, withHook(joinConfig(t, "n2", n1)))
+	waitServers(t, n1, map[string]raft.ServerSuffrage{"n1": raft.Voter, "n2": raft.Voter})
+	require.Same(t, n1, waitLeader(t, n1, n2))
+
+	ctx := ctxT(t, 30*time.Second)
+	res, err := n2.Apply(ctx, []byte("mine"))
+	require.NoError(t, err)
+	require.Equal(t, "handled", string(res))
+	res, err = n2.Apply(ctx, []byte("raft"))
+	require.NoError(t, err)
+	require.Equal(t, "1", string(res), "left to Raft: the first entry of the log")
+	res, err = n1.Apply(ctx, []byte("mine"))
+	require.NoError(t, err)
+	require.Equal(t, "2", string(res), "the leader's own Apply goes to Raft")
+	waitEntries(t, []string{"raft", "mine"}, n1, n2)
+	mu.Lock()
+	require.Equal(t, []string{"mine", "raft"}, seen, "the hook saw the forwarded commands only")
+	mu.Unlock()
 }

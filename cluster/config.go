@@ -81,6 +81,12 @@ type Config struct {
 	// process drains its work there. It bounds its own duration; an error
 	// is logged and the node leaves anyway.
 	BeforeLeave func(ctx context.Context) error
+	// Forwarded, when set, sees every command a follower forwards to this
+	// node while it leads (POST /v1/apply), before Raft does. It either
+	// handles cmd itself (handled, with the answer Apply gives the
+	// follower) or leaves it to Raft (handled false). The agent uses it to
+	// put followers' slot releases into the leader's next assignment entry.
+	Forwarded func(ctx context.Context, cmd []byte) (res []byte, handled bool, err error)
 	// Log receives the node's logs; default: discard.
 	Log hclog.Logger
 

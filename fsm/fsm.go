@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -31,6 +32,9 @@ const (
 	MsgRegister MessageType = 4 // a node process announces its incarnation
 	MsgForget   MessageType = 5 // leader: a node left the cluster for good
 	MsgSetID    MessageType = 6 // first leader: the cluster's identity
+	// MsgReleaseAssign is a Release and an Assign in one entry (leader):
+	// the releases apply first, so the assignments may reuse their slots.
+	MsgReleaseAssign MessageType = 7
 )
 
 // Ref names one attempt of a task.
@@ -68,6 +72,16 @@ type Assign struct {
 // HoldPool set keeps its pool slot but gives up its worker slot.
 type Release struct {
 	Items []ReleaseItem `json:"items"`
+}
+
+// ReleaseAssign frees slots, then grants slots, in one entry. The leader
+// puts the releases its nodes report into the entry that assigns the slots
+// they free, which saves a commit between one task and the next. An older
+// binary refuses the entry type (ErrUnknownType), so upgrade the followers
+// before the leader.
+type ReleaseAssign struct {
+	Releases []ReleaseItem `json:"releases"`
+	Assign
 }
 
 // ReleaseItem is one attempt in a Release.
@@ -117,6 +131,9 @@ type Result struct {
 	Rejected []Ref `json:"rejected,omitempty"`
 	// Changed counts assignments created, released or revoked.
 	Changed int `json:"changed"`
+	// Released counts the releases of a ReleaseAssign that freed slots
+	// (they are in Changed too).
+	Released int `json:"released,omitempty"`
 }
 
 // Observer is told about committed changes, synchronously inside Apply; its
@@ -165,6 +182,11 @@ type state struct {
 	Term   uint64                `json:"term"` // newest term that assigned
 	ID     string                `json:"id"`   // cluster identity
 
+	counters
+}
+
+// counters are the slot counts derived from the assignments.
+type counters struct {
 	pools   map[string]int
 	workers int
 	perNode map[string]int
@@ -172,7 +194,7 @@ type state struct {
 
 func newState() *state {
 	return &state{Assign: map[int64]*Assignment{}, Nodes: map[string]NodeReg{},
-		pools: map[string]int{}, perNode: map[string]int{}}
+		counters: counters{pools: map[string]int{}, perNode: map[string]int{}}}
 }
 
 func (s *state) add(a *Assignment) {
@@ -184,25 +206,35 @@ func (s *state) add(a *Assignment) {
 	}
 }
 
-func (s *state) remove(a *Assignment) {
-	delete(s.Assign, a.TaskID)
-	s.decPool(a.Pool)
-	s.dropWorker(a)
+// release frees the slots a release item gives up and reports whether the
+// assignment stays (yielded, keeping its pool slot); it then marks a (the
+// caller's copy) yielded. A yielded task that tracks its pool slot keeps it
+// until it ends; that includes a non-query task handed out by get_tasks on
+// an asynchronous target (it never held a worker slot).
+func (c *counters) release(a *Assignment, it ReleaseItem) (stays bool) {
+	if it.Yielded && it.HoldPool && !a.Revoked {
+		c.dropWorker(a)
+		a.Yielded = true
+		return true
+	}
+	c.decPool(a.Pool)
+	c.dropWorker(a)
+	return false
 }
 
-func (s *state) decPool(p string) {
-	if s.pools[p]--; s.pools[p] <= 0 {
-		delete(s.pools, p)
+func (c *counters) decPool(p string) {
+	if c.pools[p]--; c.pools[p] <= 0 {
+		delete(c.pools, p)
 	}
 }
 
-func (s *state) dropWorker(a *Assignment) {
+func (c *counters) dropWorker(a *Assignment) {
 	if !a.HoldsWorker() {
 		return
 	}
-	s.workers--
-	if s.perNode[a.Node]--; s.perNode[a.Node] <= 0 {
-		delete(s.perNode, a.Node)
+	c.workers--
+	if c.perNode[a.Node]--; c.perNode[a.Node] <= 0 {
+		delete(c.perNode, a.Node)
 	}
 }
 
@@ -214,12 +246,13 @@ func New(obs Observer) *FSM {
 type handler func(f *FSM, payload []byte) (Result, []func())
 
 var handlers = map[MessageType]handler{
-	MsgAssign:   (*FSM).applyAssign,
-	MsgRelease:  (*FSM).applyRelease,
-	MsgRevoke:   (*FSM).applyRevoke,
-	MsgRegister: (*FSM).applyRegister,
-	MsgForget:   (*FSM).applyForget,
-	MsgSetID:    (*FSM).applySetID,
+	MsgAssign:        (*FSM).applyAssign,
+	MsgRelease:       (*FSM).applyRelease,
+	MsgRevoke:        (*FSM).applyRevoke,
+	MsgRegister:      (*FSM).applyRegister,
+	MsgForget:        (*FSM).applyForget,
+	MsgSetID:         (*FSM).applySetID,
+	MsgReleaseAssign: (*FSM).applyReleaseAssign,
 }
 
 // Apply implements raft.FSM. It returns []byte (an encoded Result) or an error.
@@ -280,6 +313,10 @@ func mustDecode(payload []byte, v any) {
 func (f *FSM) applyAssign(p []byte) (Result, []func()) {
 	var c Assign
 	mustDecode(p, &c)
+	return f.assign(c)
+}
+
+func (f *FSM) assign(c Assign) (Result, []func()) {
 	var res Result
 	var added []Assignment
 	if c.Term < f.st.Term {
@@ -306,26 +343,36 @@ func (f *FSM) applyAssign(p []byte) (Result, []func()) {
 func (f *FSM) applyRelease(p []byte) (Result, []func()) {
 	var c Release
 	mustDecode(p, &c)
+	return f.release(c.Items)
+}
+
+func (f *FSM) release(items []ReleaseItem) (Result, []func()) {
 	var res Result
 	var freed []Ref
-	for _, it := range c.Items {
+	for _, it := range items {
 		a, ok := f.st.Assign[it.TaskID]
 		if !ok || a.Attempt != it.Attempt {
 			continue
 		}
 		res.Changed++
-		// A yielded task that tracks its pool slot keeps it until it ends;
-		// that includes a non-query task handed out by get_tasks on an
-		// asynchronous target (it never held a worker slot).
-		if it.Yielded && it.HoldPool && !a.Revoked {
-			f.st.dropWorker(a)
-			a.Yielded = true
-		} else {
-			f.st.remove(a)
+		if !f.st.release(a, it) {
+			delete(f.st.Assign, a.TaskID)
 		}
 		freed = append(freed, it.Ref)
 	}
 	return res, f.notify(func(o Observer) { o.Released(freed) }, len(freed))
+}
+
+// applyReleaseAssign applies the releases, then the assignments; observers
+// hear of them in that order.
+func (f *FSM) applyReleaseAssign(p []byte) (Result, []func()) {
+	var c ReleaseAssign
+	mustDecode(p, &c)
+	rel, relNotify := f.release(c.Releases)
+	res, notify := f.assign(c.Assign)
+	res.Changed += rel.Changed
+	res.Released = rel.Changed
+	return res, append(relNotify, notify...)
 }
 
 func (f *FSM) applyRevoke(p []byte) (Result, []func()) {
@@ -395,15 +442,37 @@ type Counts struct {
 func (f *FSM) Counts() Counts {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	c := Counts{Workers: f.st.workers, Total: len(f.st.Assign),
-		Pools: make(map[string]int, len(f.st.pools)), PerNode: make(map[string]int, len(f.st.perNode))}
-	for k, v := range f.st.pools {
-		c.Pools[k] = v
+	return Counts{Workers: f.st.workers, Total: len(f.st.Assign),
+		Pools: maps.Clone(f.st.pools), PerNode: maps.Clone(f.st.perNode)}
+}
+
+// CountsAfter returns the counters as they will be once items are
+// released, read in one consistent view: the leader claims the slots of
+// releases it will commit in the same entry as the new assignments.
+func (f *FSM) CountsAfter(items []ReleaseItem) Counts {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	c := counters{workers: f.st.workers, pools: maps.Clone(f.st.pools), perNode: maps.Clone(f.st.perNode)}
+	// gone and yielded track what the earlier items did, as release does
+	// to the assignments themselves.
+	gone := map[int64]bool{}
+	yielded := map[int64]bool{}
+	total := len(f.st.Assign)
+	for _, it := range items {
+		a, ok := f.st.Assign[it.TaskID]
+		if !ok || a.Attempt != it.Attempt || gone[it.TaskID] {
+			continue
+		}
+		cp := *a
+		cp.Yielded = cp.Yielded || yielded[it.TaskID]
+		if c.release(&cp, it) {
+			yielded[it.TaskID] = true
+		} else {
+			gone[it.TaskID] = true
+			total--
+		}
 	}
-	for k, v := range f.st.perNode {
-		c.PerNode[k] = v
-	}
-	return c
+	return Counts{Workers: c.workers, Pools: c.pools, PerNode: c.perNode, Total: total}
 }
 
 // Assignments returns a copy of all assignments, ordered by task id.

@@ -3,6 +3,8 @@ package fsm
 import (
 	"bytes"
 	"io"
+	"math/rand/v2"
+	"strconv"
 	"testing"
 
 	"github.com/hashicorp/raft"
@@ -32,7 +34,7 @@ func apply(t *testing.T, f *FSM, typ MessageType, v any) Result {
 }
 
 func TestEveryTypeHasHandler(t *testing.T) {
-	for _, typ := range []MessageType{MsgAssign, MsgRelease, MsgRevoke, MsgRegister, MsgForget, MsgSetID} {
+	for _, typ := range []MessageType{MsgAssign, MsgRelease, MsgRevoke, MsgRegister, MsgForget, MsgSetID, MsgReleaseAssign} {
 		_, ok := handlers[typ]
 		require.True(t, ok, "no handler for type %d", typ)
 	}
@@ -206,4 +208,101 @@ func restoredCopy(t *testing.T, f *FSM) *FSM {
 	g := New(nil)
 	require.NoError(t, g.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))))
 	return g
+}
+
+// orderRecorder records the order of observer calls.
+type orderRecorder struct{ calls []string }
+
+func (r *orderRecorder) Assigned(a []Assignment) {
+	for _, x := range a {
+		r.calls = append(r.calls, "assigned "+fmtRef(x.Ref()))
+	}
+}
+func (r *orderRecorder) Revoked([]Assignment) {}
+func (r *orderRecorder) Released(x []Ref) {
+	for _, ref := range x {
+		r.calls = append(r.calls, "released "+fmtRef(ref))
+	}
+}
+
+func fmtRef(r Ref) string {
+	return strconv.FormatInt(r.TaskID, 10) + "/" + strconv.Itoa(int(r.Attempt))
+}
+
+// A ReleaseAssign entry releases first: the same task's next attempt and
+// other tasks take the freed slots, and observers hear of the releases
+// before the assignments.
+func TestReleaseAssignReleasesFirst(t *testing.T) {
+	rec := &orderRecorder{}
+	f := New(rec)
+	apply(t, f, MsgAssign, Assign{Term: 1, Items: []Assignment{
+		{TaskID: 1, Attempt: 1, Node: "a", Pool: "p"}, {TaskID: 2, Attempt: 1, Node: "a", Pool: "p"}}})
+	rec.calls = nil
+	res := apply(t, f, MsgReleaseAssign, ReleaseAssign{
+		Releases: []ReleaseItem{{Ref: Ref{1, 1}}, {Ref: Ref{2, 7}}}, // 2/7 is not held: ignored
+		Assign: Assign{Term: 1, Items: []Assignment{
+			{TaskID: 1, Attempt: 2, Node: "b", Pool: "p"}, // the released task again
+			{TaskID: 2, Attempt: 2, Node: "b", Pool: "p"}, // still held as 2/1
+			{TaskID: 3, Attempt: 1, Node: "b", Pool: "q"}}},
+	})
+	require.Equal(t, 1, res.Released)
+	require.Equal(t, 3, res.Changed, "one release and two assignments")
+	require.Equal(t, []Ref{{2, 2}}, res.Rejected)
+	require.Equal(t, []string{"released 1/1", "assigned 1/2", "assigned 3/1"}, rec.calls)
+	c := f.Counts()
+	require.Equal(t, 3, c.Workers)
+	require.Equal(t, map[string]int{"p": 2, "q": 1}, c.Pools)
+	require.Equal(t, map[string]int{"a": 1, "b": 2}, c.PerNode)
+
+	// An older term's assignments are refused; its releases still apply.
+	apply(t, f, MsgAssign, Assign{Term: 5})
+	res = apply(t, f, MsgReleaseAssign, ReleaseAssign{Releases: []ReleaseItem{{Ref: Ref{3, 1}}},
+		Assign: Assign{Term: 4, Items: []Assignment{{TaskID: 4, Attempt: 1, Node: "a", Pool: "q"}}}})
+	require.Equal(t, 1, res.Released)
+	require.Equal(t, []Ref{{4, 1}}, res.Rejected)
+	_, held := f.Get(3)
+	require.False(t, held)
+}
+
+// CountsAfter predicts exactly what applying a Release does to the
+// counters, for any mix of items: held or not, the wrong attempt, repeats,
+// yielded with and without the pool slot, revoked, external.
+func TestCountsAfterMatchesRelease(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for round := range 500 {
+		f := New(nil)
+		var items []Assignment
+		for id := int64(1); id <= 12; id++ {
+			if rng.IntN(4) == 0 {
+				continue
+			}
+			items = append(items, Assignment{TaskID: id, Attempt: int32(1 + rng.IntN(2)),
+				Node: []string{"a", "b", "c"}[rng.IntN(3)], Pool: []string{"p", "q"}[rng.IntN(2)],
+				External: rng.IntN(5) == 0})
+		}
+		apply(t, f, MsgAssign, Assign{Term: 1, Items: items})
+		var revoke []Ref
+		var yield []ReleaseItem
+		for _, a := range items {
+			switch rng.IntN(5) {
+			case 0:
+				revoke = append(revoke, a.Ref())
+			case 1:
+				yield = append(yield, ReleaseItem{Ref: a.Ref(), Yielded: true, HoldPool: true})
+			}
+		}
+		apply(t, f, MsgRevoke, Revoke{Items: revoke})
+		apply(t, f, MsgRelease, Release{Items: yield})
+
+		var rel []ReleaseItem
+		for range rng.IntN(16) {
+			rel = append(rel, ReleaseItem{Ref: Ref{TaskID: int64(1 + rng.IntN(13)), Attempt: int32(1 + rng.IntN(2))},
+				Yielded: rng.IntN(2) == 0, HoldPool: rng.IntN(2) == 0})
+		}
+		before := f.Counts()
+		predicted := f.CountsAfter(rel)
+		require.Equal(t, before, f.Counts(), "round %d: CountsAfter changed the FSM", round)
+		apply(t, f, MsgRelease, Release{Items: rel})
+		require.Equal(t, f.Counts(), predicted, "round %d: releases %+v", round, rel)
+	}
 }

@@ -108,6 +108,80 @@ type Scheduler struct {
 	mu     sync.Mutex
 	status Status
 	dead   map[string]time.Time // node -> first seen dead
+	// accepting is true while the dispatch loop runs and takes releases;
+	// releases waits for the loop's next entry.
+	accepting bool
+	releases  []*releaseReq
+}
+
+// ErrNotDispatching is Release's answer while the dispatch loop does not
+// run (not leading, establishing leadership, stopping): the caller applies
+// a Release entry through Raft itself.
+var ErrNotDispatching = errors.New("scheduler: not dispatching")
+
+// releaseReq is a batch of finished attempts waiting for the dispatch
+// loop's next entry.
+type releaseReq struct {
+	items []fsm.ReleaseItem
+	done  chan error // buffered; answered once
+}
+
+// Release frees the slots of finished attempts in the next entry the
+// dispatch loop commits, the same entry as the assignments that reuse
+// those slots: on the way from one task to the next, one Raft commit
+// instead of two. It returns once that entry is committed, with its error
+// if it was not (the outcome is then unknown, as for any Apply; releasing
+// again is harmless). While the loop does not run it returns
+// ErrNotDispatching at once.
+func (s *Scheduler) Release(ctx context.Context, items []fsm.ReleaseItem) error {
+	r := &releaseReq{items: items, done: make(chan error, 1)}
+	s.mu.Lock()
+	if !s.accepting {
+		s.mu.Unlock()
+		return ErrNotDispatching
+	}
+	s.releases = append(s.releases, r)
+	s.mu.Unlock()
+	s.Wake()
+	select {
+	case err := <-r.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// accept starts or stops taking releases; when it stops, releases still
+// waiting are answered ErrNotDispatching, so their callers apply them
+// themselves.
+func (s *Scheduler) accept(on bool) {
+	s.mu.Lock()
+	s.accepting = on
+	var left []*releaseReq
+	if !on {
+		left, s.releases = s.releases, nil
+	}
+	s.mu.Unlock()
+	answer(left, ErrNotDispatching)
+}
+
+// takeReleases returns the waiting releases and their items.
+func (s *Scheduler) takeReleases() ([]*releaseReq, []fsm.ReleaseItem) {
+	s.mu.Lock()
+	reqs := s.releases
+	s.releases = nil
+	s.mu.Unlock()
+	var items []fsm.ReleaseItem
+	for _, r := range reqs {
+		items = append(items, r.items...)
+	}
+	return reqs, items
+}
+
+func answer(reqs []*releaseReq, err error) {
+	for _, r := range reqs {
+		r.done <- err
+	}
 }
 
 // New validates cfg and returns a Scheduler.
@@ -356,6 +430,8 @@ func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leader
 	if err != nil {
 		return fmt.Errorf("load config: %w", err)
 	}
+	s.accept(true)
+	defer s.accept(false)
 	cfgAt := s.cfg.Now()
 	sweepT := time.NewTicker(s.cfg.SweepEvery)
 	defer sweepT.Stop()
@@ -448,29 +524,93 @@ func pollInterval(cfg pgstore.Config) time.Duration {
 	return d
 }
 
-// dispatch claims and assigns one batch. It reports whether the batch was
-// full (more work is likely waiting).
+// dispatch claims and assigns one batch, in one entry with the releases
+// waiting (Release). It reports whether the batch was full (more work is
+// likely waiting).
 func (s *Scheduler) dispatch(ctx context.Context, term, fence uint64, cfg pgstore.Config) (bool, error) {
+	reqs, released := s.takeReleases()
+	// The claim counts the slots of these releases as free: they are
+	// committed in the same entry, before the assignments.
+	claimed, slots, claimErr := s.claim(ctx, fence, cfg, released)
+	if len(claimed) == 0 && len(reqs) == 0 {
+		return false, claimErr
+	}
+	items := make([]fsm.Assignment, len(claimed))
+	if len(claimed) > 0 {
+		incs := s.cfg.FSM.Nodes()
+		for i, c := range claimed {
+			items[i] = fsm.Assignment{TaskID: c.TaskID, Attempt: c.Attempt, Node: c.Node, Incarnation: incs[c.Node].Incarnation,
+				Pool: c.Pool, Deadline: c.Deadline.UnixMilli(), External: c.External}
+		}
+	}
+	var res fsm.Result
+	var err error
+	if len(released) == 0 {
+		res, err = s.apply(ctx, fsm.MsgAssign, fsm.Assign{Term: term, Items: items})
+	} else {
+		res, err = s.apply(ctx, fsm.MsgReleaseAssign, fsm.ReleaseAssign{Releases: released, Assign: fsm.Assign{Term: term, Items: items}})
+	}
+	if err != nil && ctx.Err() != nil {
+		// The loop is ending: let the callers apply their releases
+		// themselves (again, if this entry commits after all: harmless).
+		answer(reqs, ErrNotDispatching)
+	} else {
+		answer(reqs, err)
+	}
+	if err != nil {
+		if len(claimed) == 0 {
+			return false, fmt.Errorf("commit releases: %w", err)
+		}
+		// The claimed rows are RUNNING, not started, in Postgres. Sweeps and
+		// deadline checks only see assignments, so while this node leads
+		// nothing else would put them back: requeue those the FSM does not
+		// hold. Safe if the entry commits late after all: Unclaim skips
+		// started attempts, and a late assignment of a requeued attempt is
+		// fenced out at start, then swept. (If leadership was lost, the next
+		// leader's reconciliation requeues them.)
+		s.unclaimUncommitted(ctx, fence, claimed)
+		return false, fmt.Errorf("commit assignments: %w", err)
+	}
+	if claimErr != nil {
+		return false, claimErr
+	}
+	if len(res.Rejected) > 0 {
+		refs := make([]pgstore.Ref, len(res.Rejected))
+		for i, r := range res.Rejected {
+			refs[i] = pgstore.Ref{TaskID: r.TaskID, Attempt: r.Attempt}
+		}
+		if err := s.cfg.Store.Unclaim(ctx, fence, refs); err != nil {
+			return false, fmt.Errorf("unclaim rejected: %w", err)
+		}
+	}
+	n := uint64(len(claimed) - len(res.Rejected))
+	s.setStatus(func(st *Status) { st.Dispatched += n })
+	return len(claimed) > 0 && len(claimed) == slots, nil
+}
+
+// claim claims the tasks that fit the free slots, counting those of
+// released as free, and returns them with the number of slots offered.
+func (s *Scheduler) claim(ctx context.Context, fence uint64, cfg pgstore.Config, released []fsm.ReleaseItem) ([]pgstore.Claimed, int, error) {
 	if !cfg.Control.Enabled || cfg.Control.Paused {
 		reason := "paused (async.control.paused)"
 		if !cfg.Control.Enabled {
 			reason = "disabled (async.control.enabled = false)"
 		}
 		s.setStatus(func(st *Status) { st.Dispatching, st.Reason = false, reason })
-		return false, nil
+		return nil, 0, nil
 	}
 	s.setStatus(func(st *Status) { st.Dispatching, st.Reason, st.LastPass = true, "", s.cfg.Now() })
-	counts := s.cfg.FSM.Counts()
+	counts := s.cfg.FSM.CountsAfter(released)
 	free := cfg.Control.Workers - counts.Workers
 	if free <= 0 {
-		return false, nil
+		return nil, 0, nil
 	}
 	if free > s.cfg.MaxBatch {
 		free = s.cfg.MaxBatch
 	}
 	slots := buildSlots(free, s.cfg.Nodes(), counts.PerNode)
 	if len(slots) == 0 {
-		return false, nil
+		return nil, 0, nil
 	}
 	now := s.cfg.Now()
 	// A task whose revoked attempt still holds its slot (cancelled, paused
@@ -484,41 +624,9 @@ func (s *Scheduler) dispatch(ctx context.Context, term, fence uint64, cfg pgstor
 	}
 	claimed, err := s.cfg.Store.ClaimTasks(ctx, pgstore.ClaimRequest{Term: fence, Slots: slots, PoolRunning: counts.Pools, Now: now, Exclude: exclude})
 	if err != nil {
-		return false, fmt.Errorf("claim: %w", err)
+		return nil, 0, fmt.Errorf("claim: %w", err)
 	}
-	if len(claimed) == 0 {
-		return false, nil
-	}
-	incs := s.cfg.FSM.Nodes()
-	items := make([]fsm.Assignment, len(claimed))
-	for i, c := range claimed {
-		items[i] = fsm.Assignment{TaskID: c.TaskID, Attempt: c.Attempt, Node: c.Node, Incarnation: incs[c.Node].Incarnation,
-			Pool: c.Pool, Deadline: c.Deadline.UnixMilli(), External: c.External}
-	}
-	res, err := s.apply(ctx, fsm.MsgAssign, fsm.Assign{Term: term, Items: items})
-	if err != nil {
-		// The claimed rows are RUNNING, not started, in Postgres. Sweeps and
-		// deadline checks only see assignments, so while this node leads
-		// nothing else would put them back: requeue those the FSM does not
-		// hold. Safe if the entry commits late after all: Unclaim skips
-		// started attempts, and a late assignment of a requeued attempt is
-		// fenced out at start, then swept. (If leadership was lost, the next
-		// leader's reconciliation requeues them.)
-		s.unclaimUncommitted(ctx, fence, claimed)
-		return false, fmt.Errorf("commit assignments: %w", err)
-	}
-	if len(res.Rejected) > 0 {
-		refs := make([]pgstore.Ref, len(res.Rejected))
-		for i, r := range res.Rejected {
-			refs[i] = pgstore.Ref{TaskID: r.TaskID, Attempt: r.Attempt}
-		}
-		if err := s.cfg.Store.Unclaim(ctx, fence, refs); err != nil {
-			return false, fmt.Errorf("unclaim rejected: %w", err)
-		}
-	}
-	n := uint64(len(claimed) - len(res.Rejected))
-	s.setStatus(func(st *Status) { st.Dispatched += n })
-	return len(claimed) == len(slots), nil
+	return claimed, len(slots), nil
 }
 
 // unclaimUncommitted requeues the claims whose assignment is not in the FSM.

@@ -709,3 +709,50 @@ func TestRegainedLeadershipInNewTermReestablishes(t *testing.T) {
 	p := e.push("SELF", 1, "select 1")
 	e.waitAssigned(p[0], 1)
 }
+
+// A node's release joins the scheduler's next entry, with the assignments
+// that reuse the freed slots: one entry, the releases first, the limits
+// kept. While paused a release still commits, alone; while the loop does
+// not run, Release refuses at once so that the caller applies it itself.
+func TestReleaseJoinsTheNextAssignment(t *testing.T) {
+	// No periodic sweep: it would release the finished attempts itself.
+	e := newEnv(t, func(c *Config) { c.SweepEvery = time.Hour })
+	ctx := context.Background()
+	require.ErrorIs(t, e.sched.Release(ctx, nil), ErrNotDispatching, "before the loop runs")
+	e.configure(`{"control": {"workers": 2}}`)
+	pushed := e.push("SELF", 4, "select 1")
+	e.start()
+	held := e.waitCount("2 workers", 2, all)
+	e.startTasks("a", held)
+
+	finish := func(a fsm.Assignment) {
+		t.Helper()
+		fin, err := e.store.FinishTasks(ctx, "a", []pgstore.Outcome{{
+			Ref: pgstore.Ref{TaskID: a.TaskID, Attempt: a.Attempt}, Status: pgstore.StatusFinished, At: time.Now()}})
+		require.NoError(t, err)
+		require.True(t, len(fin) == 1 && fin[0].Applied, "outcome of %+v not written: %+v", a, fin)
+	}
+	finish(held[0])
+	before := e.fsm.Applied()
+	require.NoError(t, e.sched.Release(ctx, []fsm.ReleaseItem{{Ref: held[0].Ref()}}))
+	_, still := e.fsm.Get(held[0].TaskID)
+	require.False(t, still, "Release returned before its entry was applied")
+	next, ok := e.fsm.Get(pushed[2])
+	require.True(t, ok, "the third task did not take the freed slot")
+	require.Equal(t, before+1, e.fsm.Applied(), "the release and the next assignment took more than one entry")
+	require.Equal(t, 2, e.fsm.Counts().Workers)
+	workers, _, _ := e.obs.maxima()
+	require.Equal(t, 2, workers, "control.workers = 2 was exceeded")
+
+	e.exec(`SELECT async.pause()`)
+	e.waitStatus("paused", func(s Status) bool { return strings.Contains(s.Reason, "paused") })
+	e.startTasks("a", []fsm.Assignment{next})
+	finish(next)
+	require.NoError(t, e.sched.Release(ctx, []fsm.ReleaseItem{{Ref: next.Ref()}}))
+	_, still = e.fsm.Get(next.TaskID)
+	require.False(t, still, "a release while paused was not applied")
+	e.never("dispatch while paused", func() bool { return e.fsm.Counts().Total != 1 })
+
+	e.stop()
+	require.ErrorIs(t, e.sched.Release(ctx, []fsm.ReleaseItem{{Ref: held[1].Ref()}}), ErrNotDispatching, "after the loop stopped")
+}
