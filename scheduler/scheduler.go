@@ -112,6 +112,9 @@ type Scheduler struct {
 	// releases waits for the loop's next entry.
 	accepting bool
 	releases  []*releaseReq
+
+	// background tracks release commits the loop does not wait for.
+	background sync.WaitGroup
 }
 
 // ErrNotDispatching is Release's answer while the dispatch loop does not
@@ -432,6 +435,7 @@ func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leader
 	}
 	s.accept(true)
 	defer s.accept(false)
+	defer s.background.Wait()
 	cfgAt := s.cfg.Now()
 	sweepT := time.NewTicker(s.cfg.SweepEvery)
 	defer sweepT.Stop()
@@ -529,19 +533,21 @@ func pollInterval(cfg pgstore.Config) time.Duration {
 // likely waiting).
 func (s *Scheduler) dispatch(ctx context.Context, term, fence uint64, cfg pgstore.Config) (bool, error) {
 	reqs, released := s.takeReleases()
-	// The claim counts the slots of these releases as free: they are
-	// committed in the same entry, before the assignments.
+	// The claim counts the slots of these releases as free: they commit in
+	// the same entry as the assignments, before them.
 	claimed, slots, claimErr := s.claim(ctx, fence, cfg, released)
-	if len(claimed) == 0 && len(reqs) == 0 {
+	if len(claimed) == 0 {
+		// Nothing to assign: the releases go on their own, without holding
+		// up the next pass (a task pushed meanwhile). Until they apply, the
+		// next pass counts their slots as held, never the other way round.
+		s.releaseAlone(ctx, reqs, released)
 		return false, claimErr
 	}
 	items := make([]fsm.Assignment, len(claimed))
-	if len(claimed) > 0 {
-		incs := s.cfg.FSM.Nodes()
-		for i, c := range claimed {
-			items[i] = fsm.Assignment{TaskID: c.TaskID, Attempt: c.Attempt, Node: c.Node, Incarnation: incs[c.Node].Incarnation,
-				Pool: c.Pool, Deadline: c.Deadline.UnixMilli(), External: c.External}
-		}
+	incs := s.cfg.FSM.Nodes()
+	for i, c := range claimed {
+		items[i] = fsm.Assignment{TaskID: c.TaskID, Attempt: c.Attempt, Node: c.Node, Incarnation: incs[c.Node].Incarnation,
+			Pool: c.Pool, Deadline: c.Deadline.UnixMilli(), External: c.External}
 	}
 	var res fsm.Result
 	var err error
@@ -550,17 +556,8 @@ func (s *Scheduler) dispatch(ctx context.Context, term, fence uint64, cfg pgstor
 	} else {
 		res, err = s.apply(ctx, fsm.MsgReleaseAssign, fsm.ReleaseAssign{Releases: released, Assign: fsm.Assign{Term: term, Items: items}})
 	}
-	if err != nil && ctx.Err() != nil {
-		// The loop is ending: let the callers apply their releases
-		// themselves (again, if this entry commits after all: harmless).
-		answer(reqs, ErrNotDispatching)
-	} else {
-		answer(reqs, err)
-	}
+	answerCommit(ctx, reqs, err)
 	if err != nil {
-		if len(claimed) == 0 {
-			return false, fmt.Errorf("commit releases: %w", err)
-		}
 		// The claimed rows are RUNNING, not started, in Postgres. Sweeps and
 		// deadline checks only see assignments, so while this node leads
 		// nothing else would put them back: requeue those the FSM does not
@@ -570,9 +567,6 @@ func (s *Scheduler) dispatch(ctx context.Context, term, fence uint64, cfg pgstor
 		// leader's reconciliation requeues them.)
 		s.unclaimUncommitted(ctx, fence, claimed)
 		return false, fmt.Errorf("commit assignments: %w", err)
-	}
-	if claimErr != nil {
-		return false, claimErr
 	}
 	if len(res.Rejected) > 0 {
 		refs := make([]pgstore.Ref, len(res.Rejected))
@@ -585,7 +579,32 @@ func (s *Scheduler) dispatch(ctx context.Context, term, fence uint64, cfg pgstor
 	}
 	n := uint64(len(claimed) - len(res.Rejected))
 	s.setStatus(func(st *Status) { st.Dispatched += n })
-	return len(claimed) > 0 && len(claimed) == slots, nil
+	return len(claimed) == slots, nil
+}
+
+// releaseAlone commits releases without assignments, in the background;
+// the loop waits for it before it ends.
+func (s *Scheduler) releaseAlone(ctx context.Context, reqs []*releaseReq, items []fsm.ReleaseItem) {
+	if len(reqs) == 0 {
+		return
+	}
+	s.background.Add(1)
+	go func() {
+		defer s.background.Done()
+		_, err := s.apply(ctx, fsm.MsgRelease, fsm.Release{Items: items})
+		answerCommit(ctx, reqs, err)
+	}()
+}
+
+// answerCommit answers releases with the outcome of their entry; when the
+// loop is ending (ctx done), with ErrNotDispatching, so that the callers
+// apply their releases themselves (again, if the entry commits after all:
+// harmless).
+func answerCommit(ctx context.Context, reqs []*releaseReq, err error) {
+	if err != nil && ctx.Err() != nil {
+		err = ErrNotDispatching
+	}
+	answer(reqs, err)
 }
 
 // claim claims the tasks that fit the free slots, counting those of
