@@ -40,7 +40,10 @@ type Config struct {
 	// MaxTasks caps the tasks this node runs at once (0: no cap beyond
 	// control.workers and the pools).
 	MaxTasks int
-	Log      hclog.Logger
+	// TargetConns caps the connections this node opens to one target (per
+	// distinct connection string; 0: executor.DefaultMaxConnsPerTarget).
+	TargetConns int
+	Log         hclog.Logger
 	// Cluster timing overrides (tests).
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
 	// CommitTimeout is Raft's commit timeout (0: cluster.DefaultCommitTimeout).
@@ -236,7 +239,8 @@ func (a *Agent) Start(ctx context.Context) error {
 		return err
 	}
 	a.node = node
-	exec, err := executor.New(executor.Config{Node: a.cfg.NodeID, Incarnation: a.inc, ServerDSN: a.cfg.DSN, Log: a.log}, store, reporter{a})
+	exec, err := executor.New(executor.Config{Node: a.cfg.NodeID, Incarnation: a.inc, ServerDSN: a.cfg.DSN, Log: a.log,
+		MaxConnsPerTarget: a.cfg.TargetConns}, store, reporter{a})
 	if err != nil {
 		store.Close()
 		return err

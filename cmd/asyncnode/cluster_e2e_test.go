@@ -502,3 +502,36 @@ func TestFollowersStartAssignmentsWithoutWaitingForRaft(t *testing.T) {
 	require.Equal(t, 9, total, "not every task FINISHED")
 	require.Positive(t, followers, "no task ran on a follower")
 }
+
+// TestTargetConnsCapsTaskSessions: --target-conns caps the sessions a node
+// opens to one target; its tasks beyond the cap wait for a connection and
+// still run.
+func TestTargetConnsCapsTaskSessions(t *testing.T) {
+	dsn := newDB(t)
+	initDB(t, dsn)
+	db := pool(t, dsn)
+	ctx := context.Background()
+	_, err := db.Exec(ctx, `select async.configure('{"targets":[{"target":"SELF","max_concurrency":6}]}')`)
+	require.NoError(t, err)
+	startCluster(t, dsn, 1, "--target-conns", "2")
+	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select pg_sleep(0.3)', 'SELF'))) from generate_series(1, 6)`)
+	require.NoError(t, err)
+	peak := 0
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var sessions, left int
+		require.NoError(t, db.QueryRow(ctx, `select count(*) from pg_stat_activity
+			where application_name like 'asyncnode/%' and backend_type = 'client backend' and query like 'select pg_sleep%'`).Scan(&sessions))
+		peak = max(peak, sessions)
+		require.NoError(t, db.QueryRow(ctx, `select count(*) from async.task where processed is null`).Scan(&left))
+		if left == 0 {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "%d tasks still unfinished", left)
+		time.Sleep(20 * time.Millisecond)
+	}
+	require.Equal(t, 2, peak, "task sessions on the target at once")
+	var finished int
+	require.NoError(t, db.QueryRow(ctx, `select count(*) from async.task where finish_status = 'FINISHED'`).Scan(&finished))
+	require.Equal(t, 6, finished)
+}

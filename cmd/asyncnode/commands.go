@@ -24,6 +24,7 @@ import (
 
 	"github.com/asyncnode/asyncnode/agent"
 	"github.com/asyncnode/asyncnode/cluster"
+	"github.com/asyncnode/asyncnode/executor"
 	"github.com/asyncnode/asyncnode/pgstore"
 )
 
@@ -103,10 +104,14 @@ func checkAddr(name, v string, allowEmpty bool) error {
 	return nil
 }
 
+// maxTargetConns bounds --target-conns: far above what one PostgreSQL
+// server accepts by default, low enough to catch a typo.
+const maxTargetConns = 10000
+
 type runFlags struct {
 	dsn, nodeID, dataDir, httpAddr, raftAddr, gossipAddr string
 	join                                                 listFlag
-	voters, maxTasks                                     int
+	voters, maxTasks, targetConns                        int
 	gossipKey, token, tlsCert, tlsKey, tlsCA             string
 	lostAfter, lease, shutdown, commitTimeout            time.Duration
 	pprof                                                bool
@@ -123,6 +128,7 @@ func (r *runFlags) register(fs *flag.FlagSet) {
 	fs.Var(&r.join, "join", "gossip address(es) of existing members, comma-separated")
 	fs.IntVar(&r.voters, "voters", 3, "number of Raft voters (3 or 5; further nodes are non-voters)")
 	fs.IntVar(&r.maxTasks, "max-tasks", 0, "cap on tasks this node runs at once (0: only control.workers and pools)")
+	fs.IntVar(&r.targetConns, "target-conns", executor.DefaultMaxConnsPerTarget, "most connections this node opens to one target (1-10000); its tasks beyond that wait for a connection, within their timeout")
 	fs.StringVar(&r.gossipKey, "gossip-key", "", "base64 cluster key (16, 24 or 32 bytes) encrypting gossip")
 	fs.StringVar(&r.token, "token", "", "token required by the node API")
 	fs.StringVar(&r.tlsCert, "tls-cert", "", "TLS certificate for Raft and the API")
@@ -161,6 +167,9 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	}
 	if r.maxTasks < 0 {
 		return nil, usagef("--max-tasks must not be negative, got %d", r.maxTasks)
+	}
+	if r.targetConns < 1 || r.targetConns > maxTargetConns {
+		return nil, usagef("--target-conns must be between 1 and %d, got %d", maxTargetConns, r.targetConns)
 	}
 	if err := positive("lost-after", r.lostAfter); err != nil {
 		return nil, err
@@ -206,7 +215,7 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	}
 	return &agent.Config{NodeID: r.nodeID, DSN: r.dsn, DataDir: r.dataDir, RaftAddr: r.raftAddr,
 		GossipAddr: r.gossipAddr, HTTPAddr: r.httpAddr, Join: r.join, Voters: r.voters, Key: key,
-		Token: r.token, TLSCert: r.tlsCert, TLSKey: r.tlsKey, TLSCA: r.tlsCA, MaxTasks: r.maxTasks,
+		Token: r.token, TLSCert: r.tlsCert, TLSKey: r.tlsKey, TLSCA: r.tlsCA, MaxTasks: r.maxTasks, TargetConns: r.targetConns,
 		LostAfter: r.lostAfter, Lease: r.lease, DrainTimeout: r.shutdown, Pprof: r.pprof, CommitTimeout: r.commitTimeout}, nil
 }
 

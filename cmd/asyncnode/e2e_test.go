@@ -35,6 +35,8 @@ func TestBadFlagsExitTwoWithOneLine(t *testing.T) {
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--raft-commit-timeout", "20s"}, "--raft-commit-timeout"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "2s", "--lease", "3s"}, "--lease"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--log-level", "loud"}, "--log-level"},
+		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--target-conns", "0"}, "--target-conns"},
+		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--target-conns", "20000"}, "--target-conns"},
 		{[]string{"run", "--bogus"}, "bogus"},
 		{[]string{"dev", "--nodes", "0"}, "--nodes"},
 		{[]string{"join", "--http-addr", "127.0.0.1:1"}, "gossip address"},
