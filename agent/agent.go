@@ -43,7 +43,15 @@ type Config struct {
 	// TargetConns caps the connections this node opens to one target (per
 	// distinct connection string; 0: executor.DefaultMaxConnsPerTarget).
 	TargetConns int
-	Log         hclog.Logger
+	// TargetShortConns bounds the connections to one target used at once
+	// by tasks that have held theirs only briefly (0:
+	// executor.DefaultShortConns).
+	TargetShortConns int
+	// TargetLongAfter is how long a task holds its target connection
+	// before it stops counting against TargetShortConns (0:
+	// executor.DefaultLongTaskAfter).
+	TargetLongAfter time.Duration
+	Log             hclog.Logger
 	// Cluster timing overrides (tests).
 	HeartbeatTimeout, ElectionTimeout, LeaderLeaseTimeout time.Duration
 	// CommitTimeout is Raft's commit timeout (0: cluster.DefaultCommitTimeout).
@@ -240,7 +248,8 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 	a.node = node
 	exec, err := executor.New(executor.Config{Node: a.cfg.NodeID, Incarnation: a.inc, ServerDSN: a.cfg.DSN, Log: a.log,
-		MaxConnsPerTarget: a.cfg.TargetConns}, store, reporter{a})
+		MaxConnsPerTarget: a.cfg.TargetConns, ShortConnsPerTarget: a.cfg.TargetShortConns,
+		LongTaskAfter: a.cfg.TargetLongAfter}, store, reporter{a})
 	if err != nil {
 		store.Close()
 		return err

@@ -53,10 +53,17 @@ type Config struct {
 	// ServerDSN is used for targets whose ConnStr is nil (the built-in SELF
 	// target). Empty means the libpq defaults (PG* environment variables).
 	ServerDSN         string
-	MaxConnsPerTarget int           // pool size cap per target (default 64)
-	BatchSize         int           // max refs per StartTasks/FinishTasks/Report call (default 500)
-	FlushEvery        time.Duration // max wait before flushing a partial outcome batch (default 2ms)
-	TerminateAfter    time.Duration // cancel → terminate escalation delay (default 2s)
+	MaxConnsPerTarget int // pool size cap per target (default 64)
+	// ShortConnsPerTarget bounds the connections to one target used at
+	// once by tasks that have held theirs for less than LongTaskAfter
+	// (default 16; at or above MaxConnsPerTarget: no such bound).
+	ShortConnsPerTarget int
+	// LongTaskAfter is how long a task holds its connection before it no
+	// longer counts against ShortConnsPerTarget (default 20ms).
+	LongTaskAfter  time.Duration
+	BatchSize      int           // max refs per StartTasks/FinishTasks/Report call (default 500)
+	FlushEvery     time.Duration // max wait before flushing a partial outcome batch (default 2ms)
+	TerminateAfter time.Duration // cancel → terminate escalation delay (default 2s)
 	// UnreachableWait bounds how long a task waits for an unreachable
 	// target, counted from its first failed connection (default 60s).
 	UnreachableWait time.Duration
@@ -73,6 +80,8 @@ type Config struct {
 // Defaults.
 const (
 	DefaultMaxConnsPerTarget = 64
+	DefaultShortConns        = 16
+	DefaultLongTaskAfter     = 20 * time.Millisecond
 	DefaultBatchSize         = 500
 	DefaultFlushEvery        = 2 * time.Millisecond
 	DefaultTerminateAfter    = 2 * time.Second
@@ -185,6 +194,7 @@ func New(cfg Config, store Store, rep Reporter) (*Executor, error) {
 		v    int64
 	}{
 		{"MaxConnsPerTarget", int64(cfg.MaxConnsPerTarget)}, {"BatchSize", int64(cfg.BatchSize)},
+		{"ShortConnsPerTarget", int64(cfg.ShortConnsPerTarget)}, {"LongTaskAfter", int64(cfg.LongTaskAfter)},
 		{"FlushEvery", int64(cfg.FlushEvery)}, {"TerminateAfter", int64(cfg.TerminateAfter)},
 		{"UnreachableWait", int64(cfg.UnreachableWait)}, {"ConnectTimeout", int64(cfg.ConnectTimeout)},
 		{"ShutdownTimeout", int64(cfg.ShutdownTimeout)},
@@ -197,6 +207,8 @@ func New(cfg Config, store Store, rep Reporter) (*Executor, error) {
 		return nil, fmt.Errorf("%w: MaxConnsPerTarget must be <= %d", ErrInvalidConfig, 1<<20)
 	}
 	cfg.MaxConnsPerTarget = cmp.Or(cfg.MaxConnsPerTarget, DefaultMaxConnsPerTarget)
+	cfg.ShortConnsPerTarget = cmp.Or(cfg.ShortConnsPerTarget, DefaultShortConns)
+	cfg.LongTaskAfter = cmp.Or(cfg.LongTaskAfter, DefaultLongTaskAfter)
 	cfg.BatchSize = cmp.Or(cfg.BatchSize, DefaultBatchSize)
 	cfg.FlushEvery = cmp.Or(cfg.FlushEvery, DefaultFlushEvery)
 	cfg.TerminateAfter = cmp.Or(cfg.TerminateAfter, DefaultTerminateAfter)

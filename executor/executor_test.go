@@ -1070,3 +1070,51 @@ func TestTerminatedSessionDropsItsSiblings(t *testing.T) {
 		requireFinished(t, h.run(task{query: `select 1`}))
 	}
 }
+
+// Short tasks share a few warm sessions (ShortConnsPerTarget) even when
+// the pool may open more; tasks that run long each get a session of their
+// own beyond that, up to MaxConnsPerTarget, so they all run at once.
+func TestShortTasksShareFewSessionsLongOnesGetTheirOwn(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.MaxConnsPerTarget = 10
+		c.ShortConnsPerTarget = 2
+		// Long enough that no trivial insert counts as long on a slow CI.
+		c.LongTaskAfter = 2 * time.Second
+	})
+	sqlExec(t, h.dsn, `CREATE TABLE short_runs(pid int)`)
+	var tasks []task
+	for range 200 {
+		tasks = append(tasks, task{query: `insert into short_runs values (pg_backend_pid())`})
+	}
+	for _, ref := range h.submit(tasks...) {
+		_, o, ok := h.waitDone(ref, 60*time.Second)
+		require.True(t, ok)
+		requireFinished(t, o)
+	}
+	require.Equal(t, int64(200), sqlInt(t, h.dsn, `select count(*) from short_runs`))
+	require.LessOrEqual(t, sqlInt(t, h.dsn, `select count(distinct pid) from short_runs`), int64(2),
+		"sessions that ran the 200 short tasks")
+
+	h2 := newHarness(t, func(c *Config) {
+		c.MaxConnsPerTarget = 10
+		c.ShortConnsPerTarget = 2
+		c.LongTaskAfter = 100 * time.Millisecond
+	})
+	sqlExec(t, h2.dsn, `CREATE TABLE long_runs(pid int, began timestamptz, ended timestamptz)`)
+	tasks = nil
+	for range 6 {
+		tasks = append(tasks, task{query: `insert into long_runs select pg_backend_pid(), clock_timestamp(), null
+			from pg_sleep(0) returning 1;
+			select pg_sleep(1.5);
+			update long_runs set ended = clock_timestamp() where pid = pg_backend_pid() and ended is null`})
+	}
+	for _, ref := range h2.submit(tasks...) {
+		_, o, ok := h2.waitDone(ref, 60*time.Second)
+		require.True(t, ok)
+		requireFinished(t, o)
+	}
+	require.Equal(t, int64(6), sqlInt(t, h2.dsn, `select count(distinct pid) from long_runs`))
+	require.Equal(t, int64(1), sqlInt(t, h2.dsn,
+		`select (max(began) < min(ended))::int from long_runs`),
+		"the 6 long tasks did not all run at once with ShortConnsPerTarget 2")
+}

@@ -39,6 +39,7 @@ type target struct {
 	connCfg  *pgx.ConnConfig
 	password string // for masking
 	cfgErr   error  // invalid connection string (masked): tasks fail at once
+	gate     *gate  // nil: every task may take a pooled connection at once
 
 	// noCheck is set once the server refused client_connection_check_interval
 	// (PostgreSQL 13 and older); later connections go without it.
@@ -116,6 +117,9 @@ func (e *Executor) newTarget(ctx context.Context, dsn string) *target {
 		return &target{cfgErr: fmt.Errorf("invalid connection string: %s", maskSecret(err.Error(), cc.Password))}
 	}
 	t.pool = pool
+	if e.cfg.ShortConnsPerTarget < e.cfg.MaxConnsPerTarget {
+		t.gate = newGate(e.cfg.ShortConnsPerTarget, e.cfg.LongTaskAfter, e.cfg.Now)
+	}
 	return t
 }
 

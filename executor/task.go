@@ -84,6 +84,14 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Ou
 	}
 	q := prepareQuery(st.TaskID, st.Query)
 	log.Debug("running task")
+	var gp *pass
+	if t.gate != nil {
+		var err error
+		if gp, err = t.gate.enter(ctx); err != nil {
+			return ended()
+		}
+		defer gp.leave()
+	}
 	for safeRetries := 0; ; safeRetries++ {
 		conn, err := e.acquire(ctx, t, log)
 		if err != nil {
@@ -93,6 +101,9 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Ou
 				return outcome(pgstore.StatusFailed, cf.msg)
 			}
 			return ended()
+		}
+		if gp != nil {
+			gp.held()
 		}
 		execErr, resetErr := e.execute(ctx, t, conn, q, log)
 		pc := conn.Conn().PgConn()

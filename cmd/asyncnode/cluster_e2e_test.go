@@ -535,3 +535,30 @@ func TestTargetConnsCapsTaskSessions(t *testing.T) {
 	require.NoError(t, db.QueryRow(ctx, `select count(*) from async.task where finish_status = 'FINISHED'`).Scan(&finished))
 	require.Equal(t, 6, finished)
 }
+
+// TestTargetShortConnsBoundsSessionsOfShortTasks: --target-short-conns
+// and --target-long-after reach the executor: 60 trivial tasks, 6 allowed
+// at once, run on one session when one is allowed for short tasks.
+func TestTargetShortConnsBoundsSessionsOfShortTasks(t *testing.T) {
+	dsn := newDB(t)
+	initDB(t, dsn)
+	db := pool(t, dsn)
+	ctx := context.Background()
+	_, err := db.Exec(ctx, `create table short_runs(pid int);
+		select async.configure('{"targets":[{"target":"SELF","max_concurrency":6}]}')`)
+	require.NoError(t, err)
+	// A long --target-long-after: no insert counts as long on a slow CI.
+	startCluster(t, dsn, 1, "--target-short-conns", "1", "--target-long-after", "10s")
+	_, err = db.Exec(ctx, `select async.push_tasks(array_agg(async.task('insert into short_runs values (pg_backend_pid())', 'SELF'))) from generate_series(1, 60)`)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		var left int
+		require.NoError(t, db.QueryRow(ctx, `select count(*) from async.task where processed is null`).Scan(&left))
+		return left == 0
+	}, 60*time.Second, 20*time.Millisecond, "tasks still unfinished")
+	var finished, sessions int
+	require.NoError(t, db.QueryRow(ctx, `select count(*) filter (where finish_status = 'FINISHED'),
+		(select count(distinct pid) from short_runs) from async.task`).Scan(&finished, &sessions))
+	require.Equal(t, 60, finished)
+	require.Equal(t, 1, sessions, "sessions that ran the short tasks")
+}

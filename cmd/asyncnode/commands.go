@@ -111,9 +111,10 @@ const maxTargetConns = 10000
 type runFlags struct {
 	dsn, nodeID, dataDir, httpAddr, raftAddr, gossipAddr string
 	join                                                 listFlag
-	voters, maxTasks, targetConns                        int
+	voters, maxTasks, targetConns, targetShortConns      int
 	gossipKey, token, tlsCert, tlsKey, tlsCA             string
 	lostAfter, lease, shutdown, commitTimeout            time.Duration
+	targetLongAfter                                      time.Duration
 	pprof                                                bool
 	log                                                  logFlags
 }
@@ -129,6 +130,8 @@ func (r *runFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&r.voters, "voters", 3, "number of Raft voters (3 or 5; further nodes are non-voters)")
 	fs.IntVar(&r.maxTasks, "max-tasks", 0, "cap on tasks this node runs at once (0: only control.workers and pools)")
 	fs.IntVar(&r.targetConns, "target-conns", executor.DefaultMaxConnsPerTarget, "most connections this node opens to one target (1-10000); its tasks beyond that wait for a connection, within their timeout")
+	fs.IntVar(&r.targetShortConns, "target-short-conns", executor.DefaultShortConns, "most connections to one target used at once by this node's short tasks (1-10000); a task that has held its connection for --target-long-after stops counting, so long tasks each get one, up to --target-conns")
+	fs.DurationVar(&r.targetLongAfter, "target-long-after", executor.DefaultLongTaskAfter, "how long a task holds its target connection before it stops counting against --target-short-conns (1ms-1h; raise it above the round trip to a distant target)")
 	fs.StringVar(&r.gossipKey, "gossip-key", "", "base64 cluster key (16, 24 or 32 bytes) encrypting gossip")
 	fs.StringVar(&r.token, "token", "", "token required by the node API")
 	fs.StringVar(&r.tlsCert, "tls-cert", "", "TLS certificate for Raft and the API")
@@ -170,6 +173,12 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	}
 	if r.targetConns < 1 || r.targetConns > maxTargetConns {
 		return nil, usagef("--target-conns must be between 1 and %d, got %d", maxTargetConns, r.targetConns)
+	}
+	if r.targetShortConns < 1 || r.targetShortConns > maxTargetConns {
+		return nil, usagef("--target-short-conns must be between 1 and %d, got %d", maxTargetConns, r.targetShortConns)
+	}
+	if r.targetLongAfter < time.Millisecond || r.targetLongAfter > time.Hour {
+		return nil, usagef("--target-long-after must be between 1ms and 1h, got %s", r.targetLongAfter)
 	}
 	if err := positive("lost-after", r.lostAfter); err != nil {
 		return nil, err
@@ -216,6 +225,7 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	return &agent.Config{NodeID: r.nodeID, DSN: r.dsn, DataDir: r.dataDir, RaftAddr: r.raftAddr,
 		GossipAddr: r.gossipAddr, HTTPAddr: r.httpAddr, Join: r.join, Voters: r.voters, Key: key,
 		Token: r.token, TLSCert: r.tlsCert, TLSKey: r.tlsKey, TLSCA: r.tlsCA, MaxTasks: r.maxTasks, TargetConns: r.targetConns,
+		TargetShortConns: r.targetShortConns, TargetLongAfter: r.targetLongAfter,
 		LostAfter: r.lostAfter, Lease: r.lease, DrainTimeout: r.shutdown, Pprof: r.pprof, CommitTimeout: r.commitTimeout}, nil
 }
 
