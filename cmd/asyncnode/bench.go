@@ -100,6 +100,12 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	if err := positive("push-for", f.push); err != nil {
 		return err
 	}
+	if f.profileDir != "" {
+		// Found out before the run, not when the first profile is due.
+		if err := os.MkdirAll(f.profileDir, 0o755); err != nil {
+			return usagef("--profile-dir: %v", err)
+		}
+	}
 	b := &bench{f: f, out: stdout, figure: map[string]float64{}}
 	return b.run(ctx, stderr)
 }

@@ -30,6 +30,7 @@ func TestBadFlagsExitTwoWithOneLine(t *testing.T) {
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "800ms"}, "--lease"},
 		{[]string{"bench", "--tasks", "0"}, "--tasks"},
 		{[]string{"bench", "--profile-seconds", "5"}, "--profile-seconds"},
+		{[]string{"bench", "--profile-dir", "/dev/null/profiles"}, "--profile-dir"},
 		{[]string{"bench", "--soak", "50ms"}, "--soak"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--raft-commit-timeout", "0s"}, "--raft-commit-timeout"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--raft-commit-timeout", "20s"}, "--raft-commit-timeout"},
