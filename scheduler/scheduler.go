@@ -115,6 +115,11 @@ type Scheduler struct {
 
 	// background tracks release commits the loop does not wait for.
 	background sync.WaitGroup
+
+	// ended holds the attempts the last periodic sweep found ended in the
+	// task log but still assigned and not revoked; only the goroutine that
+	// leads touches it (see settle).
+	ended map[fsm.Ref]struct{}
 }
 
 // ErrNotDispatching is Release's answer while the dispatch loop does not
@@ -469,7 +474,7 @@ func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leader
 			case <-s.cfgc:
 				cfgAt = time.Time{}
 			case <-s.swp:
-				s.sweep(ctx, fence)
+				s.sweep(ctx, fence, true)
 			case <-sweepT.C:
 				s.periodic(ctx, fence, &cfg)
 			case <-checkT.C:
@@ -496,7 +501,7 @@ func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leader
 		case <-s.cfgc:
 			cfgAt = time.Time{}
 		case <-s.swp:
-			s.sweep(ctx, fence)
+			s.sweep(ctx, fence, true)
 		case <-sweepT.C:
 			s.periodic(ctx, fence, &cfg)
 		case <-checkT.C:
@@ -508,7 +513,7 @@ func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leader
 
 // periodic runs the sweep, the task-log time-outs and maintenance.
 func (s *Scheduler) periodic(ctx context.Context, fence uint64, cfg *pgstore.Config) {
-	s.sweep(ctx, fence)
+	s.sweep(ctx, fence, false)
 	// A yielded task that keeps no pool slot has no assignment, so
 	// checkDeadlines cannot see it: look in the task log (D10).
 	s.timeOut(ctx, fence, s.cfg.Now())
@@ -748,8 +753,11 @@ func owned(a fsm.Assignment, alive map[string]bool, incs map[string]fsm.NodeReg)
 // sweep compares assignments with the task log: a task finished, cancelled,
 // deferred or paused by SQL has its attempt revoked (its node stops the
 // query and releases the slot); slots of yielded and external tasks that
-// ended are released.
-func (s *Scheduler) sweep(ctx context.Context, term uint64) {
+// ended are released. A periodic sweep (prompt false) leaves a node one
+// sweep period to release an attempt it ended itself (see settle); a sweep
+// prompted by async.finish or async.cancel, or run when leadership starts,
+// revokes at once.
+func (s *Scheduler) sweep(ctx context.Context, term uint64, prompt bool) {
 	as := s.cfg.FSM.Assignments()
 	if len(as) == 0 {
 		return
@@ -791,7 +799,34 @@ func (s *Scheduler) sweep(ctx context.Context, term uint64) {
 			revoke = append(revoke, a.Ref())
 		}
 	}
+	revoke = s.settle(revoke, prompt)
 	s.commitRevokeRelease(ctx, revoke, release)
+}
+
+// settle returns the attempts of ended that are to be revoked now. A
+// node writes its own outcome to the task log first and releases the slot
+// through Raft a moment later, so a sweep in between finds many attempts
+// that ended with their node's own outcome (hundreds per sweep while a
+// node drains trivial tasks); revoking them costs a Raft entry and work on
+// the node for nothing. So, unless prompt, an attempt is revoked only if
+// the previous periodic sweep found it ended too; an attempt that
+// async.finish or async.cancel ended (they notify, which prompts a sweep)
+// is revoked at once.
+func (s *Scheduler) settle(ended []fsm.Ref, prompt bool) []fsm.Ref {
+	if prompt {
+		return ended
+	}
+	prev := s.ended
+	s.ended = make(map[fsm.Ref]struct{}, len(ended))
+	var now []fsm.Ref
+	for _, r := range ended {
+		if _, seen := prev[r]; seen {
+			now = append(now, r)
+		} else {
+			s.ended[r] = struct{}{}
+		}
+	}
+	return now
 }
 
 func (s *Scheduler) commitRevokeRelease(ctx context.Context, revoke []fsm.Ref, release []fsm.ReleaseItem) {
@@ -995,8 +1030,10 @@ func (s *Scheduler) reconcile(ctx context.Context, term uint64) error {
 			return fmt.Errorf("resolve unassigned started tasks: %w", err)
 		}
 	}
-	// Assignments whose task ended or moved on are swept like any other.
-	s.sweep(ctx, term)
+	// Assignments whose task ended or moved on are swept like any other,
+	// at once: a new leader has no earlier sweep to go by.
+	s.ended = nil
+	s.sweep(ctx, term, true)
 	return nil
 }
 

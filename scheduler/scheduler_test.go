@@ -756,3 +756,37 @@ func TestReleaseJoinsTheNextAssignment(t *testing.T) {
 	e.stop()
 	require.ErrorIs(t, e.sched.Release(ctx, []fsm.ReleaseItem{{Ref: held[1].Ref()}}), ErrNotDispatching, "after the loop stopped")
 }
+
+// A periodic sweep gives a node one sweep period to release an attempt
+// whose outcome it wrote itself; a prompted sweep revokes at once.
+func TestSettleWaitsOnePeriodicSweep(t *testing.T) {
+	s := &Scheduler{}
+	a, b, c := fsm.Ref{TaskID: 1, Attempt: 1}, fsm.Ref{TaskID: 2, Attempt: 1}, fsm.Ref{TaskID: 3, Attempt: 2}
+	require.Empty(t, s.settle([]fsm.Ref{a, b}, false), "first sight: wait for the node's release")
+	// b was released meanwhile, c is new.
+	require.Equal(t, []fsm.Ref{a}, s.settle([]fsm.Ref{a, c}, false))
+	require.Equal(t, []fsm.Ref{c}, s.settle([]fsm.Ref{c}, false))
+	require.Empty(t, s.settle(nil, false))
+	require.Equal(t, []fsm.Ref{b}, s.settle([]fsm.Ref{b}, true), "a prompted sweep revokes at once")
+	require.Empty(t, s.settle([]fsm.Ref{a}, false), "a prompted sweep does not count as a sight")
+}
+
+// An attempt whose node wrote its outcome but never released the slot is
+// still revoked, by a later periodic sweep, so that the node lets go.
+func TestSweepRevokesAnEndedAttemptItsNodeDidNotRelease(t *testing.T) {
+	e := newEnv(t) // SweepEvery: 100ms
+	e.configure(`{"control": {"workers": 1}}`)
+	p := e.push("SELF", 2, "select 1")
+	e.start()
+	a := e.waitAssigned(p[0], 1)
+	e.startTasks("a", []fsm.Assignment{a})
+	// The node writes its outcome, and its release never comes.
+	fin, err := e.store.FinishTasks(context.Background(), "a", []pgstore.Outcome{
+		{Ref: pgstore.Ref{TaskID: a.TaskID, Attempt: a.Attempt}, Status: pgstore.StatusFinished, At: time.Now()}})
+	require.NoError(t, err)
+	require.True(t, len(fin) == 1 && fin[0].Applied, "%+v", fin)
+	eventually(t, func() bool { x, ok := e.fsm.Get(p[0]); return ok && x.Revoked }, text("ended attempt never revoked"))
+	e.never("dispatch into a revoked but unreleased slot", func() bool { _, ok := e.fsm.Get(p[1]); return ok })
+	e.release(a)
+	e.waitAssigned(p[1], 1)
+}
