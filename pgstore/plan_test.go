@@ -5,10 +5,13 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/asyncnode/asyncnode/pgstore"
 )
 
 // The hot-path statements run as prepared statements, and after a few
@@ -60,4 +63,40 @@ func genericPlan(t *testing.T, c *pgx.Conn, name, params, args string) string {
 	require.NoError(t, err)
 	exec(t, c, fmt.Sprintf("PREPARE %s (%s) AS %s", name, params, strings.TrimSpace(string(b))))
 	return strings.Join(queryStrings(t, c, fmt.Sprintf("EXPLAIN EXECUTE %s(%s)", name, args)), "\n")
+}
+
+// The claim must be planned for the queue as it is at every call. A node
+// that idled with an empty queue would otherwise run, after a burst, a plan
+// the server cached for the prepared statement while the table was empty:
+// sequential scans and sorts of the whole task table at every claim, until
+// the table is next analysed (seen: 40 to 150 ms per claim instead of about
+// 5). So the claim runs on the store's claim pool as unnamed statements: no
+// session of that pool may hold it as a prepared statement, however often
+// it ran on an empty queue first.
+func TestClaimIsPlannedAtEveryCall(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	takeLead(t, s, 1)
+	for range 10 {
+		cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots(4), Now: time.Now()})
+		require.NoError(t, err)
+		require.Empty(t, cl)
+	}
+	push(t, c, "SELF", 2000, "select 0")
+	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots(4), Now: time.Now()})
+	require.NoError(t, err)
+	require.Len(t, cl, 4)
+
+	claims := s.ClaimsPool()
+	require.GreaterOrEqual(t, claims.Stat().TotalConns(), int32(1), "the claims did not run on the claim pool")
+	conns := claims.AcquireAllIdle(ctx)
+	require.NotEmpty(t, conns)
+	for _, pc := range conns {
+		var prepared int
+		err := pc.QueryRow(ctx, `select count(*) from pg_prepared_statements where statement like '%Claim READY%'`).Scan(&prepared)
+		pc.Release()
+		require.NoError(t, err)
+		require.Zero(t, prepared, "the claim is a prepared statement: the server may reuse a plan cached on an empty queue")
+	}
 }

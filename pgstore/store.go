@@ -16,9 +16,17 @@ import (
 type Store struct {
 	dsn  string // kept only to scrub passwords from driver errors
 	pool *pgxpool.Pool
-	conn *pgx.ConnConfig // template for dedicated connections
-	log  hclog.Logger
+	// claims runs the leader's claim (see ClaimTasks): at most 2
+	// connections, opened on first use (only by the leader), whose
+	// statements are planned afresh at every execution.
+	claims *pgxpool.Pool
+	conn   *pgx.ConnConfig // template for dedicated connections
+	log    hclog.Logger
 }
+
+// claimConns caps the connections of Store.claims: the leader claims from
+// one goroutine; the second covers a claim that overlaps a stopping one.
+const claimConns = 2
 
 // Open connects to the server database (a pgxpool; pool_max_conns and the
 // other pgxpool settings may be given in the DSN) and checks that it
@@ -42,13 +50,30 @@ func Open(ctx context.Context, dsn string, log hclog.Logger) (*Store, error) {
 		pool.Close()
 		return nil, fmt.Errorf("pgstore: connect to server database %s: %w", MaskDSN(dsn), redact(err, dsn))
 	}
+	// The claim must not run on a plan the server cached for a prepared
+	// statement: cached while the queue was empty (a node idling before a
+	// burst), that plan reads the whole task table with sequential scans
+	// at every claim until the table is next analyzed. Unnamed statements
+	// (QueryExecModeExec) are planned for the table as it is, in the same
+	// single round trip.
+	ccfg := cfg.Copy()
+	ccfg.MaxConns, ccfg.MinConns = claimConns, 0
+	ccfg.ConnConfig.DefaultQueryExecMode = pgx.QueryExecModeExec
+	claims, err := pgxpool.NewWithConfig(ctx, ccfg)
+	if err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("pgstore: open server database %s: %w", MaskDSN(dsn), redact(err, dsn))
+	}
 	log.Debug("connected to server database", "dsn", MaskDSN(dsn))
-	return &Store{dsn: dsn, pool: pool, conn: cfg.ConnConfig.Copy(), log: log}, nil
+	return &Store{dsn: dsn, pool: pool, claims: claims, conn: cfg.ConnConfig.Copy(), log: log}, nil
 }
 
-// Close closes the pool. Leaderships and listeners have their own
+// Close closes the pools. Leaderships and listeners have their own
 // connections and are ended by Release / their context.
-func (s *Store) Close() { s.pool.Close() }
+func (s *Store) Close() {
+	s.claims.Close()
+	s.pool.Close()
+}
 
 // Pool is the underlying pgx pool, for callers that need plain SQL (tests,
 // the CLI's status output).
@@ -81,6 +106,11 @@ func termArg(term uint64) (int64, error) {
 // fence's share lock on async.leader covers the writes, and a stale term
 // (ErrStaleTerm) rolls everything back.
 func (s *Store) fenced(ctx context.Context, op string, term uint64, queue func(b *pgx.Batch)) error {
+	return s.fencedOn(ctx, s.pool, op, term, queue)
+}
+
+// fencedOn is fenced on the given pool.
+func (s *Store) fencedOn(ctx context.Context, pool *pgxpool.Pool, op string, term uint64, queue func(b *pgx.Batch)) error {
 	t, err := termArg(term)
 	if err != nil {
 		return err
@@ -88,7 +118,7 @@ func (s *Store) fenced(ctx context.Context, op string, term uint64, queue func(b
 	b := &pgx.Batch{}
 	b.Queue(qAssertLeaderTerm, t)
 	queue(b)
-	if err := s.pool.SendBatch(ctx, b).Close(); err != nil {
+	if err := pool.SendBatch(ctx, b).Close(); err != nil {
 		return s.wrap(op, err)
 	}
 	return nil

@@ -51,7 +51,8 @@ func (s *Store) ClaimTasks(ctx context.Context, req ClaimRequest) ([]Claimed, er
 		exclude = []int64{}
 	}
 	var out []Claimed
-	err := s.fenced(ctx, "claim tasks", req.Term, func(b *pgx.Batch) {
+	// On s.claims: planned afresh at every call (see Open).
+	err := s.fencedOn(ctx, s.claims, "claim tasks", req.Term, func(b *pgx.Batch) {
 		b.Queue(qClaimTasks, req.Now, req.Slots, names, running, exclude).Query(func(rows pgx.Rows) error {
 			for rows.Next() {
 				var c Claimed

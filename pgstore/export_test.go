@@ -1,0 +1,6 @@
+package pgstore
+
+import "github.com/jackc/pgx/v5/pgxpool"
+
+// ClaimsPool exposes the pool that runs the leader's claims to the tests.
+func (s *Store) ClaimsPool() *pgxpool.Pool { return s.claims }
