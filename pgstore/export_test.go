@@ -4,3 +4,6 @@ import "github.com/jackc/pgx/v5/pgxpool"
 
 // ClaimsPool exposes the pool that runs the leader's claims to the tests.
 func (s *Store) ClaimsPool() *pgxpool.Pool { return s.claims }
+
+// LookupsPool exposes the pool that runs the lookups by task id.
+func (s *Store) LookupsPool() *pgxpool.Pool { return s.lookups }

@@ -100,3 +100,73 @@ func TestClaimIsPlannedAtEveryCall(t *testing.T) {
 		require.Zero(t, prepared, "the claim is a prepared statement: the server may reuse a plan cached on an empty queue")
 	}
 }
+
+// The statements that look up given task ids (start, finish, task states,
+// unclaim, lost attempts) run on the store's lookup pool, whose sessions
+// plan them with index lookups and nested loops only, once per session. A
+// plain session builds, for a table analysed while empty and still small,
+// a generic plan that hashes a sequential scan of the whole task table, and
+// keeps it while the table grows until the next analyse: under load most
+// finishes of a burst ran such a plan (docs/performance.md).
+func TestLookupsUseIndexPlansWhateverTheStatistics(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `ANALYZE async.task`) // empty
+	ids := push(t, c, "SELF", 300, "select 0")
+	exec(t, c, `UPDATE async.task SET consumed = now(), attempt = 1, node = 'n1', times_up = now() + interval '1 hour'`)
+
+	lookups := []struct{ name, params, args string }{
+		{"start_tasks", "text, bigint[], int[]", "'n1', '{1,2,3}'::bigint[], '{1,1,1}'::int[]"},
+		{"finish_tasks", "text, bigint[], int[], text[], text[], timestamptz[]",
+			"'n1', '{1,2,3}'::bigint[], '{1,1,1}'::int[], '{FINISHED,FINISHED,FINISHED}'::text[], '{NULL,NULL,NULL}'::text[], array[now(), now(), now()]"},
+		{"task_states", "bigint[]", "'{1,2,3}'::bigint[]"},
+		{"unclaim_tasks", "bigint[], int[]", "'{1,2,3}'::bigint[], '{1,1,1}'::int[]"},
+		{"resolve_lost", "bigint[], int[], timestamptz, text", "'{1,2,3}'::bigint[], '{1,1,1}'::int[], now(), 'lost'"},
+	}
+
+	// The trap, in a plain session.
+	exec(t, c, `SET plan_cache_mode = force_generic_plan`)
+	plan := genericPlan(t, c, "finish_tasks", lookups[1].params, lookups[1].args)
+	require.Contains(t, plan, "Seq Scan on task", "the plain session no longer shows the trap this test guards against:\n%s", plan)
+
+	// The lookup pool's sessions, as they are: generic plans from the first
+	// call, each id looked up in task_pkey.
+	pc, err := s.LookupsPool().Acquire(ctx)
+	require.NoError(t, err)
+	for _, q := range lookups {
+		plan := genericPlan(t, pc.Conn(), q.name, q.params, q.args)
+		assert.Regexp(t, `Index Scan (using|on) task_pkey`, plan, "%s:\n%s", q.name, plan)
+		assert.NotContains(t, plan, "Seq Scan on task", "%s:\n%s", q.name, plan)
+		assert.NotContains(t, plan, "Hash Join", "%s:\n%s", q.name, plan)
+	}
+	require.NoError(t, pc.Hijack().Close(ctx)) // its prepared statements are the test's
+
+	// The store runs them there.
+	refs := make([]pgstore.Ref, 100)
+	outs := make([]pgstore.Outcome, 100)
+	for i := range refs {
+		refs[i] = pgstore.Ref{TaskID: ids[i], Attempt: 1}
+		outs[i] = pgstore.Outcome{Ref: refs[i], Status: pgstore.StatusFinished, At: time.Now()}
+	}
+	started, err := s.StartTasks(ctx, "n1", refs)
+	require.NoError(t, err)
+	require.Len(t, started, 100)
+	fin, err := s.FinishTasks(ctx, "n1", outs)
+	require.NoError(t, err)
+	require.True(t, fin[99].Applied)
+	_, err = s.TaskStates(ctx, ids)
+	require.NoError(t, err)
+	var custom, generic int
+	for _, pc := range s.LookupsPool().AcquireAllIdle(ctx) {
+		var cu, ge int
+		err := pc.QueryRow(ctx, `select coalesce(sum(custom_plans), 0), coalesce(sum(generic_plans), 0)
+		                           from pg_prepared_statements where statement like '-- %'`,
+			pgx.QueryExecModeSimpleProtocol).Scan(&cu, &ge)
+		pc.Release()
+		require.NoError(t, err)
+		custom, generic = custom+cu, generic+ge
+	}
+	assert.Zero(t, custom, "a lookup was planned for its parameters")
+	assert.Equal(t, 3, generic, "start, finish and task states did not all run on the lookup pool")
+}

@@ -20,13 +20,38 @@ type Store struct {
 	// connections, opened on first use (only by the leader), whose
 	// statements are planned afresh at every execution.
 	claims *pgxpool.Pool
-	conn   *pgx.ConnConfig // template for dedicated connections
-	log    hclog.Logger
+	// lookups runs the statements that look up given task ids (start,
+	// finish, task states, unclaim, lost attempts): at most lookupConns
+	// connections whose planner can only use index lookups and nested
+	// loops (lookupSettings).
+	lookups *pgxpool.Pool
+	conn    *pgx.ConnConfig // template for dedicated connections
+	log     hclog.Logger
 }
 
 // claimConns caps the connections of Store.claims: the leader claims from
 // one goroutine; the second covers a claim that overlaps a stopping one.
 const claimConns = 2
+
+// lookupConns caps the connections of Store.lookups: a node starts and
+// finishes attempts from one goroutine each, and its leader reads task
+// states from one more.
+const lookupConns = 4
+
+// lookupSettings is run on every connection of Store.lookups. The
+// statements there take lists of task ids and must look each one up in
+// task_pkey, at any size of the task table. As prepared statements they
+// end up on a generic plan, and one built while the table was small (the
+// queue empty and analysed as such, as when a node idles before a burst)
+// hashes a sequential scan of the whole table at every call until the
+// table is next analysed: under load most finishes ran such a plan, at 21
+// ms on average per call (docs/performance.md). With these settings no
+// plan the server builds for them holds a sequential scan or a hash or
+// merge join on the task table; such a plan fits every call, so the
+// generic plan is used from the first call on, without planning per call
+// (custom plans cost about a millisecond per finish under load).
+const lookupSettings = "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off; " +
+	"SET plan_cache_mode = force_generic_plan"
 
 // Open connects to the server database (a pgxpool; pool_max_conns and the
 // other pgxpool settings may be given in the DSN) and checks that it
@@ -64,13 +89,26 @@ func Open(ctx context.Context, dsn string, log hclog.Logger) (*Store, error) {
 		pool.Close()
 		return nil, fmt.Errorf("pgstore: open server database %s: %w", MaskDSN(dsn), redact(err, dsn))
 	}
+	lcfg := cfg.Copy()
+	lcfg.MaxConns, lcfg.MinConns = lookupConns, 0
+	lcfg.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
+		_, err := c.Exec(ctx, lookupSettings)
+		return err
+	}
+	lookups, err := pgxpool.NewWithConfig(ctx, lcfg)
+	if err != nil {
+		claims.Close()
+		pool.Close()
+		return nil, fmt.Errorf("pgstore: open server database %s: %w", MaskDSN(dsn), redact(err, dsn))
+	}
 	log.Debug("connected to server database", "dsn", MaskDSN(dsn))
-	return &Store{dsn: dsn, pool: pool, claims: claims, conn: cfg.ConnConfig.Copy(), log: log}, nil
+	return &Store{dsn: dsn, pool: pool, claims: claims, lookups: lookups, conn: cfg.ConnConfig.Copy(), log: log}, nil
 }
 
 // Close closes the pools. Leaderships and listeners have their own
 // connections and are ended by Release / their context.
 func (s *Store) Close() {
+	s.lookups.Close()
 	s.claims.Close()
 	s.pool.Close()
 }

@@ -79,7 +79,7 @@ func (s *Store) Unclaim(ctx context.Context, term uint64, refs []Ref) error {
 		return nil
 	}
 	ids, attempts := refArrays(refs)
-	return s.fenced(ctx, "unclaim tasks", term, func(b *pgx.Batch) {
+	return s.fencedOn(ctx, s.lookups, "unclaim tasks", term, func(b *pgx.Batch) {
 		b.Queue(qUnclaimTasks, ids, attempts)
 	})
 }
@@ -93,7 +93,7 @@ func (s *Store) StartTasks(ctx context.Context, node string, refs []Ref) ([]Star
 		return nil, nil
 	}
 	ids, attempts := refArrays(refs)
-	rows, err := s.pool.Query(ctx, qStartTasks, node, ids, attempts)
+	rows, err := s.lookups.Query(ctx, qStartTasks, node, ids, attempts)
 	if err != nil {
 		return nil, s.wrap("start tasks", err)
 	}
@@ -154,7 +154,7 @@ func (s *Store) FinishTasks(ctx context.Context, node string, outs []Outcome) ([
 		o := outs[i]
 		ids[k], attempts[k], statuses[k], errs[k], ats[k] = o.TaskID, o.Attempt, string(o.Status), o.Error, o.At
 	}
-	rows, err := s.pool.Query(ctx, qFinishTasks, node, ids, attempts, statuses, errs, ats)
+	rows, err := s.lookups.Query(ctx, qFinishTasks, node, ids, attempts, statuses, errs, ats)
 	if err != nil {
 		return nil, s.wrap("finish tasks", err)
 	}
@@ -205,7 +205,7 @@ func (s *Store) TaskStates(ctx context.Context, ids []int64) (map[int64]TaskStat
 	if len(ids) == 0 {
 		return out, nil
 	}
-	rows, err := s.pool.Query(ctx, qTaskStates, ids)
+	rows, err := s.lookups.Query(ctx, qTaskStates, ids)
 	if err != nil {
 		return nil, s.wrap("task states", err)
 	}
@@ -259,7 +259,7 @@ func (s *Store) ResolveLost(ctx context.Context, term uint64, reason string, ref
 	}
 	ids, attempts := refArrays(refs)
 	got := map[Ref]string{}
-	err := s.fenced(ctx, "resolve lost tasks", term, func(b *pgx.Batch) {
+	err := s.fencedOn(ctx, s.lookups, "resolve lost tasks", term, func(b *pgx.Batch) {
 		b.Queue(qResolveLost, ids, attempts, now, reason).Query(func(rows pgx.Rows) error {
 			var r Ref
 			var outcome string
