@@ -6,7 +6,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -57,7 +56,7 @@ func stopCause(ctx context.Context) error {
 // run runs one started task. It returns its outcome, or nil and the reason
 // (errRevoked, errShutdown, errAbandoned) when the attempt ends without one.
 func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Outcome, error) {
-	log := e.log.With("task_id", st.TaskID, "attempt", st.Attempt, "target", st.Target)
+	log := newAttemptLog(e.log, &st)
 	ref := pgstore.Ref{TaskID: st.TaskID, Attempt: st.Attempt}
 	outcome := func(s pgstore.Status, msg string) (*pgstore.Outcome, error) {
 		o := &pgstore.Outcome{Ref: ref, Status: s, At: e.cfg.Now()}
@@ -156,7 +155,7 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Ou
 // with backoff (D12); it returns a *connFailure once the task has waited
 // long enough, or ctx's error when ctx ends first (unless a connection error
 // is known and the deadline was reached: then a *connFailure too).
-func (e *Executor) acquire(ctx context.Context, t *target, log hclog.Logger) (*pgxpool.Conn, error) {
+func (e *Executor) acquire(ctx context.Context, t *target, log *attemptLog) (*pgxpool.Conn, error) {
 	deadline, hasDeadline := ctx.Deadline()
 	var firstFail time.Time
 	var lastErr error
@@ -223,7 +222,7 @@ func (e *Executor) acquire(ctx context.Context, t *target, log hclog.Logger) (*p
 // execute sends the task text (and, for a lone CALL or VACUUM, the session
 // reset after it). When ctx ends meanwhile, pgx sends a cancel request; if
 // the backend is still busy TerminateAfter later, it is terminated.
-func (e *Executor) execute(ctx context.Context, t *target, conn *pgxpool.Conn, q prepared, log hclog.Logger) (execErr, resetErr error) {
+func (e *Executor) execute(ctx context.Context, t *target, conn *pgxpool.Conn, q prepared, log *attemptLog) (execErr, resetErr error) {
 	pc := conn.Conn().PgConn()
 	pid := pc.PID()
 	execDone := make(chan struct{})
