@@ -16,13 +16,19 @@ import (
 // through gossip. It waits until every node is registered and one leads.
 func startCluster(t *testing.T, dsn string, n int, extra ...string) []*node {
 	t.Helper()
-	nodes := make([]*node, n)
-	nodes[0] = newNode(t, dsn, "n1", extra...)
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("n%d", i+1)
+	}
+	nodes := newNodes(t, dsn, ids, func(i int, before []*node) []string {
+		if i == 0 {
+			return extra
+		}
+		return append([]string{"--join", before[0].gossip}, extra...)
+	})
 	nodes[0].start()
 	nodes[0].waitDispatching()
 	for i := 1; i < n; i++ {
-		args := append([]string{"--join", nodes[0].gossip}, extra...)
-		nodes[i] = newNode(t, dsn, fmt.Sprintf("n%d", i+1), args...)
 		nodes[i].start()
 	}
 	waitMembers(t, nodes, n)

@@ -114,11 +114,31 @@ func freeAddr(t *testing.T) string {
 }
 
 func newNode(t *testing.T, dsn, id string, extra ...string) *node {
-	dir := t.TempDir()
 	// Picked together: three ports picked one by one can repeat (a node
 	// once got the same port for Raft and gossip).
 	ports, err := pglocal.FreePorts(3)
 	require.NoError(t, err)
+	return newNodeOn(t, dsn, id, ports, extra...)
+}
+
+// newNodes makes nodes ids[0], ids[1], … with ports picked in one call;
+// extra gives node i's flags, knowing the nodes made before it. Nodes made
+// one by one can get the same port when the earlier one has not bound it
+// yet (seen: a node's Raft port was the API port of the node started just
+// before it).
+func newNodes(t *testing.T, dsn string, ids []string, extra func(i int, before []*node) []string) []*node {
+	ports, err := pglocal.FreePorts(3 * len(ids))
+	require.NoError(t, err)
+	nodes := make([]*node, len(ids))
+	for i, id := range ids {
+		nodes[i] = newNodeOn(t, dsn, id, ports[3*i:3*i+3], extra(i, nodes[:i])...)
+	}
+	return nodes
+}
+
+// newNodeOn makes a node on ports (API, Raft, gossip).
+func newNodeOn(t *testing.T, dsn, id string, ports []int, extra ...string) *node {
+	dir := t.TempDir()
 	addr := func(p int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(p)) }
 	n := &node{t: t, id: id, dsn: dsn, dataDir: filepath.Join(dir, "data"), api: addr(ports[0]),
 		raft: addr(ports[1]), gossip: addr(ports[2]), extra: extra, logPath: filepath.Join(dir, id+".log")}

@@ -41,12 +41,15 @@ func startLocalCluster(dsn, dir string, n int, logLevel string, extra ...string)
 	lc := &localCluster{dir: dir}
 	voters := min(n, 3)
 	addr := func(p int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(p)) }
+	// Every node's three ports are picked in one call, before any node
+	// starts: a port picked for a node whose process has not bound it yet
+	// is free again for the next pick (two nodes got the same port).
+	all, err := pglocal.FreePorts(3 * n)
+	if err != nil {
+		return nil, err
+	}
 	for i := 1; i <= n; i++ {
-		ports, err := pglocal.FreePorts(3)
-		if err != nil {
-			lc.stop()
-			return nil, err
-		}
+		ports := all[3*(i-1) : 3*i]
 		id := "node" + strconv.Itoa(i)
 		args := []string{"run", "--dsn", dsn, "--node-id", id, "--data-dir", filepath.Join(dir, id),
 			"--http-addr", addr(ports[0]), "--raft-addr", addr(ports[1]), "--gossip-addr", addr(ports[2]),
