@@ -272,12 +272,19 @@ type observer struct {
 	maxWorkers int
 	maxPool    map[string]int
 	maxNode    map[string]int
+	// entryOf: the log index of the entry that last assigned (task id)
+	// or released (ref) each.
+	assignedIn map[int64]uint64
+	releasedIn map[fsm.Ref]uint64
 }
 
 func (o *observer) Assigned(items []fsm.Assignment) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.assigned = append(o.assigned, items...)
+	for _, a := range items {
+		o.assignedIn[a.TaskID] = o.f.Applied()
+	}
 	// Apply has released the FSM lock before notifying: Counts is the state
 	// right after this entry (entries are applied one at a time).
 	c := o.f.Counts()
@@ -296,13 +303,24 @@ func (o *observer) Revoked(items []fsm.Assignment) {
 	o.mu.Unlock()
 }
 
-func (o *observer) Released([]fsm.Ref) {
+func (o *observer) Released(refs []fsm.Ref) {
 	o.mu.Lock()
+	for _, r := range refs {
+		o.releasedIn[r] = o.f.Applied()
+	}
 	s := o.sched
 	o.mu.Unlock()
 	if s != nil {
 		s.Wake()
 	}
+}
+
+// entries returns the log index of the entry that released ref and of the
+// one that last assigned task id (0: none).
+func (o *observer) entries(ref fsm.Ref, id int64) (released, assigned uint64) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.releasedIn[ref], o.assignedIn[id]
 }
 
 func (o *observer) assignedIDs() []int64 {
@@ -367,7 +385,8 @@ func newEnvOn(t *testing.T, dsn, id string, opts ...func(*Config)) *env {
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = db.Close(context.Background()) })
 
-	obs := &observer{maxPool: map[string]int{}, maxNode: map[string]int{}}
+	obs := &observer{maxPool: map[string]int{}, maxNode: map[string]int{},
+		assignedIn: map[int64]uint64{}, releasedIn: map[fsm.Ref]uint64{}}
 	f := fsm.New(obs)
 	obs.f = f
 	e := &env{t: t, dsn: dsn, store: store, db: db, fsm: f, obs: obs, clock: &clock{}}
