@@ -35,18 +35,9 @@ func TestHotPathGenericPlans(t *testing.T) {
 	            WHERE task_id IN (SELECT task_id FROM async.task WHERE processed IS NULL ORDER BY task_id LIMIT 1000)`)
 	exec(t, c, `SET plan_cache_mode = force_generic_plan`)
 
-	ids := `'{1,2,3}'::bigint[]`
-	ints := `'{1,1,1}'::int[]`
-	lookups := []struct{ name, params, args string }{
-		{"start_tasks", "text, bigint[], int[]", "'n1', " + ids + ", " + ints},
-		{"finish_tasks", "text, bigint[], int[], text[], text[], timestamptz[]",
-			"'n1', " + ids + ", " + ints + ", '{FINISHED,FINISHED,FINISHED}'::text[], '{NULL,NULL,NULL}'::text[], array[now(), now(), now()]"},
-		{"unclaim_tasks", "bigint[], int[]", ids + ", " + ints},
-		{"resolve_lost", "bigint[], int[], timestamptz, text", ids + ", " + ints + ", now(), 'lost'"},
-	}
-	for _, q := range lookups {
+	for _, q := range idLookups {
 		plan := genericPlan(t, c, q.name, q.params, q.args)
-		assert.Contains(t, plan, "Index Scan using task_pkey on task", "%s:\n%s", q.name, plan)
+		assert.Regexp(t, `Index Scan (using|on) task_pkey`, plan, "%s:\n%s", q.name, plan)
 		assert.NotContains(t, plan, "task_running_idx", "%s:\n%s", q.name, plan)
 		assert.NotContains(t, plan, "Seq Scan on task", "%s:\n%s", q.name, plan)
 	}
@@ -54,6 +45,17 @@ func TestHotPathGenericPlans(t *testing.T) {
 		"now(), '{n1,n1,n1}'::text[], '{}'::text[], '{}'::int[], '{}'::bigint[]")
 	assert.NotContains(t, plan, "Seq Scan on task", plan)
 	assert.Contains(t, plan, "Index Scan using task_pkey on task", plan)
+}
+
+// idLookups are the statements that look up given task ids, with their
+// parameter types and sample arguments (ids 1, 2, 3, attempt 1, node n1).
+var idLookups = []struct{ name, params, args string }{
+	{"start_tasks", "text, bigint[], int[]", "'n1', '{1,2,3}'::bigint[], '{1,1,1}'::int[]"},
+	{"finish_tasks", "text, bigint[], int[], text[], text[], timestamptz[]",
+		"'n1', '{1,2,3}'::bigint[], '{1,1,1}'::int[], '{FINISHED,FINISHED,FINISHED}'::text[], '{NULL,NULL,NULL}'::text[], array[now(), now(), now()]"},
+	{"task_states", "bigint[]", "'{1,2,3}'::bigint[]"},
+	{"unclaim_tasks", "bigint[], int[]", "'{1,2,3}'::bigint[], '{1,1,1}'::int[]"},
+	{"resolve_lost", "bigint[], int[], timestamptz, text", "'{1,2,3}'::bigint[], '{1,1,1}'::int[], now(), 'lost'"},
 }
 
 // genericPlan prepares queries/<name>.sql and explains its generic plan.
@@ -116,25 +118,16 @@ func TestLookupsUseIndexPlansWhateverTheStatistics(t *testing.T) {
 	ids := push(t, c, "SELF", 300, "select 0")
 	exec(t, c, `UPDATE async.task SET consumed = now(), attempt = 1, node = 'n1', times_up = now() + interval '1 hour'`)
 
-	lookups := []struct{ name, params, args string }{
-		{"start_tasks", "text, bigint[], int[]", "'n1', '{1,2,3}'::bigint[], '{1,1,1}'::int[]"},
-		{"finish_tasks", "text, bigint[], int[], text[], text[], timestamptz[]",
-			"'n1', '{1,2,3}'::bigint[], '{1,1,1}'::int[], '{FINISHED,FINISHED,FINISHED}'::text[], '{NULL,NULL,NULL}'::text[], array[now(), now(), now()]"},
-		{"task_states", "bigint[]", "'{1,2,3}'::bigint[]"},
-		{"unclaim_tasks", "bigint[], int[]", "'{1,2,3}'::bigint[], '{1,1,1}'::int[]"},
-		{"resolve_lost", "bigint[], int[], timestamptz, text", "'{1,2,3}'::bigint[], '{1,1,1}'::int[], now(), 'lost'"},
-	}
-
 	// The trap, in a plain session.
 	exec(t, c, `SET plan_cache_mode = force_generic_plan`)
-	plan := genericPlan(t, c, "finish_tasks", lookups[1].params, lookups[1].args)
+	plan := genericPlan(t, c, "finish_tasks", idLookups[1].params, idLookups[1].args)
 	require.Contains(t, plan, "Seq Scan on task", "the plain session no longer shows the trap this test guards against:\n%s", plan)
 
 	// The lookup pool's sessions, as they are: generic plans from the first
 	// call, each id looked up in task_pkey.
 	pc, err := s.LookupsPool().Acquire(ctx)
 	require.NoError(t, err)
-	for _, q := range lookups {
+	for _, q := range idLookups {
 		plan := genericPlan(t, pc.Conn(), q.name, q.params, q.args)
 		assert.Regexp(t, `Index Scan (using|on) task_pkey`, plan, "%s:\n%s", q.name, plan)
 		assert.NotContains(t, plan, "Seq Scan on task", "%s:\n%s", q.name, plan)
