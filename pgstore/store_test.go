@@ -195,6 +195,62 @@ func TestClaimPlanIgnoresHistory(t *testing.T) {
 	require.Contains(t, plan, "task_ready_idx", plan)
 }
 
+// TestStartIsAHeapOnlyUpdate pushes enough tasks to fill many heap pages,
+// claims, starts and finishes them as the cluster does, and checks that a
+// good share of the starts were heap-only updates (no index entries
+// written). That needs the start to change no indexed column and no column
+// of a partial-index predicate: an index on "started" makes it fail (0 of
+// 3000). How many are HOT also depends on room on the pages (migration 0006
+// keeps some) and on what else the server runs, so the bound is loose.
+func TestStartIsAHeapOnlyUpdate(t *testing.T) {
+	t.Parallel()
+	const tasks, batch = 3000, 300
+	dsn, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `UPDATE async.target SET max_concurrency = $1 WHERE target = 'SELF'`, batch)
+	push(t, c, "SELF", tasks, "select 1")
+	takeLead(t, s, 1)
+	// As in a busy cluster, the leader claims the next batch before the
+	// nodes start the last one, so new row versions of both share pages.
+	started := 0
+	next := claim(t, s, 1, batch, nil)
+	for len(next) > 0 {
+		cl := next
+		next = claim(t, s, 1, batch, nil)
+		byNode := map[string][]pgstore.Ref{}
+		for _, x := range cl {
+			byNode[x.Node] = append(byNode[x.Node], ref(x))
+		}
+		for node, rs := range byNode {
+			st, err := s.StartTasks(ctx, node, rs)
+			require.NoError(t, err)
+			require.Len(t, st, len(rs))
+			started += len(st)
+		}
+		for node, rs := range byNode {
+			outs := make([]pgstore.Outcome, len(rs))
+			for i, r := range rs {
+				outs[i] = pgstore.Outcome{Ref: r, Status: pgstore.StatusFinished, At: time.Now()}
+			}
+			_, err := s.FinishTasks(ctx, node, outs)
+			require.NoError(t, err)
+		}
+	}
+	require.Equal(t, tasks, started)
+	// Sessions report their statistics when they end (an idle one may wait
+	// 10 s).
+	s.Close()
+	require.NoError(t, c.Close(ctx))
+	stats := connect(t, dsn)
+	var upd, hot int64
+	waitFor(t, "the statistics of all updates", func() bool {
+		require.NoError(t, stats.QueryRow(ctx, `SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+		                                       WHERE relid = 'async.task'::regclass`).Scan(&upd, &hot))
+		return upd >= 3*tasks // claim, start, the test's finish
+	})
+	require.GreaterOrEqual(t, hot, int64(tasks/10), "of %d starts only %d updates were heap-only (%d updates)", tasks, hot, upd)
+}
+
 func TestStartAndFinishFencing(t *testing.T) {
 	t.Parallel()
 	_, s, c := newDB(t)
