@@ -246,7 +246,7 @@ func TestStartIsAHeapOnlyUpdate(t *testing.T) {
 	waitFor(t, "the statistics of all updates", func() bool {
 		require.NoError(t, stats.QueryRow(ctx, `SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
 		                                       WHERE relid = 'async.task'::regclass`).Scan(&upd, &hot))
-		return upd >= 3*tasks // claim, start, the test's finish
+		return upd >= 3*tasks // claim, start, finish
 	})
 	require.GreaterOrEqual(t, hot, int64(tasks/10), "of %d starts only %d updates were heap-only (%d updates)", tasks, hot, upd)
 }
