@@ -17,28 +17,34 @@ ctl AS (
     FROM async.control c
    WHERE c.enabled AND NOT c.paused
    LIMIT 1),
+-- Each step also keeps the index key of the pool's first READY row (first
+-- in index order, as this statement's snapshot sees it): the pool's scan
+-- in "cand" starts there instead of at the start of the pool, so it does
+-- not walk again the entries of tasks claimed since the last vacuum, which
+-- lie before it (dead, but still in the index until vacuum removes them).
 pools AS (
-  SELECT (SELECT t.concurrency_pool FROM async.task t
+  SELECT f.pool, f.priority, f.entered, f.task_id
+    FROM (SELECT t.concurrency_pool AS pool, t.priority, t.entered, t.task_id FROM async.task t
            WHERE t.consumed IS NULL AND t.processed IS NULL AND t.yielded IS NULL
-           ORDER BY t.concurrency_pool
-           LIMIT 1) AS pool
+           ORDER BY t.concurrency_pool, t.priority, t.entered, t.task_id
+           LIMIT 1) f
   UNION ALL
-  SELECT (SELECT t.concurrency_pool FROM async.task t
-           WHERE t.consumed IS NULL AND t.processed IS NULL AND t.yielded IS NULL
-             AND t.concurrency_pool > p.pool
-           ORDER BY t.concurrency_pool
-           LIMIT 1)
+  SELECT n.pool, n.priority, n.entered, n.task_id
     FROM pools p
-   WHERE p.pool IS NOT NULL),
+   CROSS JOIN LATERAL (
+     SELECT t.concurrency_pool AS pool, t.priority, t.entered, t.task_id FROM async.task t
+      WHERE t.consumed IS NULL AND t.processed IS NULL AND t.yielded IS NULL
+        AND t.concurrency_pool > p.pool
+      ORDER BY t.concurrency_pool, t.priority, t.entered, t.task_id
+      LIMIT 1) n),
 room AS (
-  SELECT p.pool,
+  SELECT p.pool, p.priority, p.entered, p.task_id,
          least(coalesce(cp.max_workers, ctl.pool_default, 0) - coalesce(r.running, 0),
                cardinality($2::text[])) AS n
     FROM pools p
    CROSS JOIN ctl
     LEFT JOIN async.concurrency_pool cp ON cp.concurrency_pool = p.pool
-    LEFT JOIN unnest($3::text[], $4::int[]) AS r(pool, running) ON r.pool = p.pool
-   WHERE p.pool IS NOT NULL),
+    LEFT JOIN unnest($3::text[], $4::int[]) AS r(pool, running) ON r.pool = p.pool),
 cand AS (
   SELECT c.task_id, c.priority, c.entered, c.external
     FROM room
@@ -46,6 +52,7 @@ cand AS (
      SELECT t.task_id, t.priority, t.entered, t.query IS NULL AS external
        FROM async.task t
       WHERE t.concurrency_pool = room.pool
+        AND (t.priority, t.entered, t.task_id) >= (room.priority, room.entered, room.task_id)
         AND t.consumed IS NULL AND t.processed IS NULL AND t.yielded IS NULL
         AND (t.eligible_when IS NULL OR t.eligible_when <= $1::timestamptz)
         AND t.task_id <> ALL($5::bigint[])
