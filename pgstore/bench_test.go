@@ -56,10 +56,7 @@ func benchClaimFinish(b *testing.B, history int) {
 		if err != nil || len(cl) != batch {
 			b.Fatalf("claim: %d tasks, %v", len(cl), err)
 		}
-		byNode := map[string][]pgstore.Ref{}
-		for _, x := range cl {
-			byNode[x.Node] = append(byNode[x.Node], ref(x))
-		}
+		byNode := refsByNode(cl)
 		t1 := time.Now()
 		for node, rs := range byNode {
 			st, err := s.StartTasks(ctx, node, rs)
@@ -69,11 +66,7 @@ func benchClaimFinish(b *testing.B, history int) {
 		}
 		t2 := time.Now()
 		for node, rs := range byNode {
-			outs := make([]pgstore.Outcome, len(rs))
-			for i, r := range rs {
-				outs[i] = pgstore.Outcome{Ref: r, Status: pgstore.StatusFinished, At: time.Now()}
-			}
-			f, err := s.FinishTasks(ctx, node, outs)
+			f, err := s.FinishTasks(ctx, node, finished(rs))
 			if err != nil || len(f) != len(rs) || !f[0].Applied {
 				b.Fatalf("finish: %v", err)
 			}

@@ -226,6 +226,25 @@ func ref(c pgstore.Claimed) pgstore.Ref { return pgstore.Ref{TaskID: c.TaskID, A
 
 func refs(r ...pgstore.Ref) []pgstore.Ref { return r }
 
+// refsByNode groups claimed attempts by the node they were given to, as the
+// nodes would start them.
+func refsByNode(cl []pgstore.Claimed) map[string][]pgstore.Ref {
+	by := map[string][]pgstore.Ref{}
+	for _, c := range cl {
+		by[c.Node] = append(by[c.Node], ref(c))
+	}
+	return by
+}
+
+// finished returns a FINISHED outcome, now, for each ref.
+func finished(rs []pgstore.Ref) []pgstore.Outcome {
+	outs := make([]pgstore.Outcome, len(rs))
+	for i, r := range rs {
+		outs[i] = pgstore.Outcome{Ref: r, Status: pgstore.StatusFinished, At: time.Now()}
+	}
+	return outs
+}
+
 func finish(t testing.TB, s *pgstore.Store, node string, r pgstore.Ref, status pgstore.Status) pgstore.Finished {
 	t.Helper()
 	f, err := s.FinishTasks(context.Background(), node, []pgstore.Outcome{{Ref: r, Status: status, At: time.Now()}})

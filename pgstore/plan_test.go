@@ -137,15 +137,13 @@ func TestLookupsUseIndexPlansWhateverTheStatistics(t *testing.T) {
 
 	// The store runs them there.
 	refs := make([]pgstore.Ref, 100)
-	outs := make([]pgstore.Outcome, 100)
 	for i := range refs {
 		refs[i] = pgstore.Ref{TaskID: ids[i], Attempt: 1}
-		outs[i] = pgstore.Outcome{Ref: refs[i], Status: pgstore.StatusFinished, At: time.Now()}
 	}
 	started, err := s.StartTasks(ctx, "n1", refs)
 	require.NoError(t, err)
 	require.Len(t, started, 100)
-	fin, err := s.FinishTasks(ctx, "n1", outs)
+	fin, err := s.FinishTasks(ctx, "n1", finished(refs))
 	require.NoError(t, err)
 	require.True(t, fin[99].Applied)
 	_, err = s.TaskStates(ctx, ids)

@@ -263,10 +263,7 @@ func TestStartIsAHeapOnlyUpdate(t *testing.T) {
 	for len(next) > 0 {
 		cl := next
 		next = claim(t, s, 1, batch, nil)
-		byNode := map[string][]pgstore.Ref{}
-		for _, x := range cl {
-			byNode[x.Node] = append(byNode[x.Node], ref(x))
-		}
+		byNode := refsByNode(cl)
 		for node, rs := range byNode {
 			st, err := s.StartTasks(ctx, node, rs)
 			require.NoError(t, err)
@@ -274,11 +271,7 @@ func TestStartIsAHeapOnlyUpdate(t *testing.T) {
 			started += len(st)
 		}
 		for node, rs := range byNode {
-			outs := make([]pgstore.Outcome, len(rs))
-			for i, r := range rs {
-				outs[i] = pgstore.Outcome{Ref: r, Status: pgstore.StatusFinished, At: time.Now()}
-			}
-			_, err := s.FinishTasks(ctx, node, outs)
+			_, err := s.FinishTasks(ctx, node, finished(rs))
 			require.NoError(t, err)
 		}
 	}
