@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -160,4 +161,56 @@ func TestLookupsUseIndexPlansWhateverTheStatistics(t *testing.T) {
 	}
 	assert.Zero(t, custom, "a lookup was planned for its parameters")
 	assert.Equal(t, 3, generic, "start, finish and task states did not all run on the lookup pool")
+}
+
+// The server JIT-compiles a statement whose estimated cost exceeds
+// jit_above_cost, and the claim's estimate follows the task count the last
+// analyse saw, not the READY tasks it reads: once an analyse had seen
+// 150,000 tasks, a 1-task claim took 27 to 36 ms, nearly all of it
+// compiling, instead of 0.4 ms. The store's sessions run with jit off. Here
+// the database compiles every statement (jit_above_cost = 0): a session of
+// a store whose DSN asks for jit compiles the claim, no session of a plain
+// store does, and the claims still work.
+func TestStoreSessionsDoNotCompileStatements(t *testing.T) {
+	t.Parallel()
+	dsn, _, c := newDB(t)
+	ctx := ctxT(t)
+	var available bool
+	require.NoError(t, c.QueryRow(ctx, `SELECT pg_jit_available()`).Scan(&available))
+	require.True(t, available, "this PostgreSQL cannot JIT-compile (is its llvmjit module installed?), "+
+		"so the test cannot show that the store's sessions do not")
+	exec(t, c, `DO $$BEGIN EXECUTE format('ALTER DATABASE %I SET jit_above_cost = 0', current_database()); END$$`)
+	push(t, c, "SELF", 10, "select 0")
+	b, err := os.ReadFile("queries/claim_tasks.sql")
+	require.NoError(t, err)
+	claimSQL := "EXPLAIN (ANALYZE) " + strings.TrimSpace(string(b))
+
+	// compiled explains the claim (rolled back) on a session of p and says
+	// whether the server JIT-compiled it.
+	compiled := func(p *pgxpool.Pool) bool {
+		t.Helper()
+		tx, err := p.Begin(ctx)
+		require.NoError(t, err)
+		defer func() { require.NoError(t, tx.Rollback(ctx)) }()
+		rows, err := tx.Query(ctx, claimSQL, time.Now(), slots(2), []string{}, []int32{}, []int64{})
+		require.NoError(t, err)
+		lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		require.NoError(t, err)
+		return strings.Contains(strings.Join(lines, "\n"), "JIT:")
+	}
+
+	asked, err := pgstore.Open(ctx, dsn+" jit=on", testLogger(t))
+	require.NoError(t, err)
+	t.Cleanup(asked.Close)
+	require.True(t, compiled(asked.Pool()), "a session whose DSN sets jit=on did not compile the claim: "+
+		"the database setting jit_above_cost = 0 did not take, so the test shows nothing")
+
+	s, err := pgstore.Open(ctx, dsn, testLogger(t))
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+	for name, p := range map[string]*pgxpool.Pool{"main": s.Pool(), "claims": s.ClaimsPool(), "lookups": s.LookupsPool()} {
+		assert.False(t, compiled(p), "a session of the store's %s pool JIT-compiled the claim", name)
+	}
+	takeLead(t, s, 1)
+	require.Len(t, claim(t, s, 1, 3, nil), 3)
 }
