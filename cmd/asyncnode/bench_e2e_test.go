@@ -14,7 +14,7 @@ import (
 // benchmark works, not how fast anything is.
 func TestBenchPrintsEveryFigure(t *testing.T) {
 	out, errOut, code := runCLI(t, nil, "bench", "--tasks", "500", "--samples", "5", "--clients", "2", "--push-for", "1s",
-		"--history", "2000", "--scale-out", "--sleep-tasks", "24", "--per-node", "2", "--soak", "2s", "--soak-rate", "100")
+		"--rounds", "2", "--history", "2000", "--scale-out", "--sleep-tasks", "24", "--per-node", "2", "--soak", "2s", "--soak-rate", "100")
 	require.Equal(t, 0, code, "bench failed:\n%s\n%s", out, errOut)
 	for _, fig := range []string{"limit_roundtrips", "limit_bookkeeping", "throughput_empty", "continuous", "throughput_history",
 		"history_vs_empty", "scale_out_1_nodes", "scale_out_3_nodes", "scale_out_speedup", "throughput_vs_bookkeeping_limit",
@@ -25,8 +25,21 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 		require.NoError(t, err)
 		require.Positive(t, v, "figure %s", fig)
 	}
+	// Each throughput figure is the median of its rounds (the lower one of two).
+	for _, fig := range []string{"throughput_empty", "throughput_history"} {
+		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=(\d+) unit=tasks/s nodes=1 tasks=500 rounds=2 each=(\d+),(\d+) `).FindStringSubmatch(out)
+		require.NotNil(t, m, "figure %s without its two rounds:\n%s", fig, out)
+		require.Equal(t, strconv.Itoa(min(atoi(t, m[2]), atoi(t, m[3]))), m[1], "figure %s is not the median of its rounds", fig)
+	}
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_consumed unit=ms nodes=1 samples=5 p50=`, out)
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_processed_history unit=ms`, out)
 	require.Regexp(t, `(?m)^bench figure=soak_rss_node1 value=\S+ \(anonymous RSS at end / after 1s\) anon_kib=[1-9]\d*,[1-9]\d* file_kib=\d+,\d+ rss_kib=[1-9]\d*,[1-9]\d* `, out)
 	require.Regexp(t, `(?m)^bench summary nodes=\d+ throughput_empty=`, out)
+}
+
+func atoi(t *testing.T, s string) int {
+	t.Helper()
+	n, err := strconv.Atoi(s)
+	require.NoError(t, err)
+	return n
 }

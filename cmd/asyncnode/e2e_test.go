@@ -29,6 +29,8 @@ func TestBadFlagsExitTwoWithOneLine(t *testing.T) {
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "-1s"}, "--lost-after"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "800ms"}, "--lease"},
 		{[]string{"bench", "--tasks", "0"}, "--tasks"},
+		{[]string{"bench", "--rounds", "0"}, "--rounds"},
+		{[]string{"bench", "--rounds", "21"}, "--rounds"},
 		{[]string{"bench", "--profile-seconds", "5"}, "--profile-seconds"},
 		{[]string{"bench", "--profile-dir", "/dev/null/profiles"}, "--profile-dir"},
 		{[]string{"bench", "--soak", "50ms"}, "--soak"},
