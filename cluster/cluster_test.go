@@ -280,6 +280,8 @@ func TestGossipKeyRequired(t *testing.T) {
 	c.Key = key
 	k2 := startNode(t, c)
 	waitServers(t, k1, map[string]raft.ServerSuffrage{"k1": raft.Voter, "k2": raft.Voter})
+	// k2 forwards to the leader, so it must have heard from it first.
+	waitLeader(t, k1, k2)
 	res, err := k2.Apply(ctxT(t, 10*time.Second), []byte("secret"))
 	require.NoError(t, err)
 	require.Equal(t, "1", string(res))
@@ -383,6 +385,9 @@ func TestMutualTLS(t *testing.T) {
 	waitLeader(t, s1)
 	s2 := startNode(t, withTLS(joinConfig(t, "s2", s1)))
 	waitServers(t, s1, map[string]raft.ServerSuffrage{"s1": raft.Voter, "s2": raft.Voter})
+	// s2 forwards to the leader, so it must have heard from it first (it
+	// failed with "cluster: no leader" under CI load without this wait).
+	waitLeader(t, s1, s2)
 	res, err := s2.Apply(ctxT(t, 10*time.Second), []byte("over tls"))
 	require.NoError(t, err)
 	require.Equal(t, "1", string(res))
