@@ -167,7 +167,7 @@ func TestLookupsUseIndexPlansWhateverTheStatistics(t *testing.T) {
 // jit_above_cost, and the claim's estimate follows the task count the last
 // analyse saw, not the READY tasks it reads: once an analyse had seen
 // 150,000 tasks, a 1-task claim took 27 to 36 ms, nearly all of it
-// compiling, instead of 0.4 ms. The store's sessions run with jit off. Here
+// compiling, instead of 0.4 ms. The store's sessions set jit off. Here
 // the database compiles every statement (jit_above_cost = 0): a session of
 // a store whose DSN asks for jit compiles the claim, no session of a plain
 // store does, and the claims still work.
@@ -210,6 +210,11 @@ func TestStoreSessionsDoNotCompileStatements(t *testing.T) {
 	t.Cleanup(s.Close)
 	for name, p := range map[string]*pgxpool.Pool{"main": s.Pool(), "claims": s.ClaimsPool(), "lookups": s.LookupsPool()} {
 		assert.False(t, compiled(p), "a session of the store's %s pool JIT-compiled the claim", name)
+		// Set by a SET after connecting, not in the startup packet, which
+		// poolers such as PgBouncer refuse for parameters they do not know.
+		var source string
+		require.NoError(t, p.QueryRow(ctx, `SELECT source FROM pg_settings WHERE name = 'jit'`).Scan(&source))
+		assert.Equal(t, "session", source, "jit of the store's %s pool", name)
 	}
 	takeLead(t, s, 1)
 	require.Len(t, claim(t, s, 1, 3, nil), 3)

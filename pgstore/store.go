@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -54,22 +56,39 @@ const lookupConns = 4
 const lookupSettings = "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off; " +
 	"SET plan_cache_mode = force_generic_plan"
 
-// serverJIT is the jit setting of every session the store opens (unless
-// the DSN sets jit itself). The store's statements are short and run
-// thousands of times a second; JIT compilation only ever costs them time.
+// jitOff runs on every connection of the store's pools unless the DSN sets
+// jit itself. The store's statements are short and run thousands of times
+// a second; JIT compilation only ever costs them time.
 // The server compiles a statement whose estimated cost exceeds
 // jit_above_cost (100,000 by default), and the claim's estimate grows with
 // the task count the statistics hold, not with the READY tasks it reads:
 // once an analyse had seen 150,000 tasks a 1-task claim was estimated at
 // 102,848, and compiling it took 26 to 32 ms of its 27 to 36 ms, against
 // 0.394 ms with jit off. Until the next analyse every claim paid that
-// (docs/performance.md, "JIT compilation of the claim").
-const serverJIT = "off"
+// (docs/performance.md, "JIT compilation of the claim"). It is a SET after
+// connecting, not a startup parameter: connection poolers such as
+// PgBouncer refuse a connection whose startup packet carries a parameter
+// they do not know ("unsupported startup parameter").
+const jitOff = "SET jit = off"
+
+// afterConnect returns a pgxpool AfterConnect hook that runs the given
+// statements (nil when there are none).
+func afterConnect(stmts ...string) func(context.Context, *pgx.Conn) error {
+	stmts = slices.DeleteFunc(stmts, func(s string) bool { return s == "" })
+	if len(stmts) == 0 {
+		return nil
+	}
+	sql := strings.Join(stmts, "; ")
+	return func(ctx context.Context, c *pgx.Conn) error {
+		_, err := c.Exec(ctx, sql)
+		return err
+	}
+}
 
 // Open connects to the server database (a pgxpool; pool_max_conns and the
 // other pgxpool settings may be given in the DSN) and checks that it
-// answers. Its sessions run with jit = off unless the DSN sets jit (see
-// serverJIT). Errors and logs show the DSN masked (MaskDSN). log may be nil.
+// answers. Its pooled sessions run with jit = off unless the DSN sets jit
+// (see jitOff). Errors and logs show the DSN masked (MaskDSN). log may be nil.
 func Open(ctx context.Context, dsn string, log hclog.Logger) (*Store, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -81,9 +100,11 @@ func Open(ctx context.Context, dsn string, log hclog.Logger) (*Store, error) {
 	if _, ok := cfg.ConnConfig.RuntimeParams["application_name"]; !ok {
 		cfg.ConnConfig.RuntimeParams["application_name"] = "asyncnode"
 	}
-	if _, ok := cfg.ConnConfig.RuntimeParams["jit"]; !ok {
-		cfg.ConnConfig.RuntimeParams["jit"] = serverJIT
+	setJIT := jitOff
+	if _, ok := cfg.ConnConfig.RuntimeParams["jit"]; ok {
+		setJIT = "" // the DSN's choice
 	}
+	cfg.AfterConnect = afterConnect(setJIT)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: open server database %s: %w", MaskDSN(dsn), redact(err, dsn))
@@ -108,10 +129,7 @@ func Open(ctx context.Context, dsn string, log hclog.Logger) (*Store, error) {
 	}
 	lcfg := cfg.Copy()
 	lcfg.MaxConns, lcfg.MinConns = lookupConns, 0
-	lcfg.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
-		_, err := c.Exec(ctx, lookupSettings)
-		return err
-	}
+	lcfg.AfterConnect = afterConnect(setJIT, lookupSettings)
 	lookups, err := pgxpool.NewWithConfig(ctx, lcfg)
 	if err != nil {
 		claims.Close()
