@@ -60,7 +60,13 @@ func exec(t testing.TB, c *pgx.Conn, sql string, args ...any) {
 	require.NoError(t, err, sql)
 }
 
-func queryStrings(t testing.TB, c *pgx.Conn, sql string, args ...any) []string {
+// querier is what queryStrings reads from: a connection, a pooled one or a
+// transaction.
+type querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
+func queryStrings(t testing.TB, c querier, sql string, args ...any) []string {
 	t.Helper()
 	rows, err := c.Query(context.Background(), sql, args...)
 	require.NoError(t, err)
@@ -225,6 +231,19 @@ func claim(t testing.TB, s *pgstore.Store, term uint64, n int, running map[strin
 func ref(c pgstore.Claimed) pgstore.Ref { return pgstore.Ref{TaskID: c.TaskID, Attempt: c.Attempt} }
 
 func refs(r ...pgstore.Ref) []pgstore.Ref { return r }
+
+// explainClaim returns EXPLAIN of the claim with n free slots and no pool
+// running, as q plans it; options, if any, go in parentheses ("ANALYZE,
+// FORMAT JSON"). With ANALYZE the claim runs: give a transaction and roll
+// it back.
+func explainClaim(t *testing.T, q querier, options string, n int) string {
+	t.Helper()
+	explain := "EXPLAIN "
+	if options != "" {
+		explain += "(" + options + ") "
+	}
+	return strings.Join(queryStrings(t, q, explain+claimSQL(t), time.Now(), slots(n), []string{}, []int32{}, []int64{}), "\n")
+}
 
 // refsByNode groups claimed attempts by the node they were given to, as the
 // nodes would start them.

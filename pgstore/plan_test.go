@@ -181,9 +181,6 @@ func TestStoreSessionsDoNotCompileStatements(t *testing.T) {
 		"so the test cannot show that the store's sessions do not")
 	exec(t, c, `DO $$BEGIN EXECUTE format('ALTER DATABASE %I SET jit_above_cost = 0', current_database()); END$$`)
 	push(t, c, "SELF", 10, "select 0")
-	b, err := os.ReadFile("queries/claim_tasks.sql")
-	require.NoError(t, err)
-	claimSQL := "EXPLAIN (ANALYZE) " + strings.TrimSpace(string(b))
 
 	// compiled explains the claim (rolled back) on a session of p and says
 	// whether the server JIT-compiled it.
@@ -192,11 +189,7 @@ func TestStoreSessionsDoNotCompileStatements(t *testing.T) {
 		tx, err := p.Begin(ctx)
 		require.NoError(t, err)
 		defer func() { require.NoError(t, tx.Rollback(ctx)) }()
-		rows, err := tx.Query(ctx, claimSQL, time.Now(), slots(2), []string{}, []int32{}, []int64{})
-		require.NoError(t, err)
-		lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		require.NoError(t, err)
-		return strings.Contains(strings.Join(lines, "\n"), "JIT:")
+		return strings.Contains(explainClaim(t, tx, "ANALYZE", 2), "JIT:")
 	}
 
 	asked, err := pgstore.Open(ctx, dsn+" jit=on", testLogger(t))

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"slices"
 	"strings"
 	"time"
 
@@ -74,7 +73,6 @@ const jitOff = "SET jit = off"
 // afterConnect returns a pgxpool AfterConnect hook that runs the given
 // statements (nil when there are none).
 func afterConnect(stmts ...string) func(context.Context, *pgx.Conn) error {
-	stmts = slices.DeleteFunc(stmts, func(s string) bool { return s == "" })
 	if len(stmts) == 0 {
 		return nil
 	}
@@ -100,11 +98,11 @@ func Open(ctx context.Context, dsn string, log hclog.Logger) (*Store, error) {
 	if _, ok := cfg.ConnConfig.RuntimeParams["application_name"]; !ok {
 		cfg.ConnConfig.RuntimeParams["application_name"] = "asyncnode"
 	}
-	setJIT := jitOff
-	if _, ok := cfg.ConnConfig.RuntimeParams["jit"]; ok {
-		setJIT = "" // the DSN's choice
+	var onConnect []string // run on every pooled connection
+	if _, ok := cfg.ConnConfig.RuntimeParams["jit"]; !ok {
+		onConnect = append(onConnect, jitOff) // else the DSN's choice
 	}
-	cfg.AfterConnect = afterConnect(setJIT)
+	cfg.AfterConnect = afterConnect(onConnect...)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: open server database %s: %w", MaskDSN(dsn), redact(err, dsn))
@@ -129,7 +127,7 @@ func Open(ctx context.Context, dsn string, log hclog.Logger) (*Store, error) {
 	}
 	lcfg := cfg.Copy()
 	lcfg.MaxConns, lcfg.MinConns = lookupConns, 0
-	lcfg.AfterConnect = afterConnect(setJIT, lookupSettings)
+	lcfg.AfterConnect = afterConnect(append(onConnect, lookupSettings)...)
 	lookups, err := pgxpool.NewWithConfig(ctx, lcfg)
 	if err != nil {
 		claims.Close()

@@ -2,6 +2,7 @@ package pgstore_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"strings"
@@ -177,20 +178,11 @@ func TestClaimEligibleWhen(t *testing.T) {
 func TestClaimPlanIgnoresHistory(t *testing.T) {
 	t.Parallel()
 	_, _, c := newDB(t)
-	ctx := ctxT(t)
 	exec(t, c, `INSERT INTO async.task (target, concurrency_pool, query, consumed, processed, finish_status, failed)
 	            SELECT 'SELF', 'SELF', 'select 0', now(), now(), 'FINISHED', false FROM generate_series(1, 200000)`)
 	push(t, c, "SELF", 100, "select 1")
 	exec(t, c, `ANALYZE async.task`)
-	var plan string
-	rows, err := c.Query(ctx, "EXPLAIN "+claimSQL(t), time.Now(), slots(1000), []string{}, []int32{}, []int64{})
-	require.NoError(t, err)
-	for rows.Next() {
-		var line string
-		require.NoError(t, rows.Scan(&line))
-		plan += line + "\n"
-	}
-	require.NoError(t, rows.Err())
+	plan := explainClaim(t, c, "", 1000)
 	require.NotContains(t, plan, "Seq Scan on task", plan)
 	require.Contains(t, plan, "task_ready_idx", plan)
 }
@@ -220,8 +212,7 @@ func TestClaimWalksClaimedEntriesOnce(t *testing.T) {
 	require.NoError(t, err)
 	defer func() { _ = tx.Rollback(ctx) }()
 	var plan []map[string]any
-	require.NoError(t, tx.QueryRow(ctx, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) "+claimSQL(t),
-		time.Now(), slots(1), []string{}, []int32{}, []int64{}).Scan(&plan))
+	require.NoError(t, json.Unmarshal([]byte(explainClaim(t, tx, "ANALYZE, BUFFERS, FORMAT JSON", 1)), &plan))
 	reads := map[string]float64{} // node type → most buffers one such node read in task_ready_idx
 	var walk func(n map[string]any)
 	walk = func(n map[string]any) {
