@@ -35,6 +35,11 @@ const (
 	// MsgReleaseAssign is a Release and an Assign in one entry (leader):
 	// the releases apply first, so the assignments may reuse their slots.
 	MsgReleaseAssign MessageType = 7
+	// MsgReleaseAssignPacked is a ReleaseAssign in a compact binary form
+	// (see packed.go) instead of JSON: what the leader writes at every
+	// dispatch pass since 2026-12-05. Older binaries refuse it
+	// (ErrUnknownType), so upgrade the followers before the leader.
+	MsgReleaseAssignPacked MessageType = 8
 )
 
 // Ref names one attempt of a task.
@@ -148,8 +153,16 @@ type Observer interface {
 // binary does not know; that is a version skew, not corruption.
 var ErrUnknownType = errors.New("fsm: unknown message type")
 
-// Encode builds a log entry: one type byte and a JSON payload.
+// Encode builds a log entry: one type byte and a JSON payload, or for
+// MsgReleaseAssignPacked (v must be a ReleaseAssign) the packed payload.
 func Encode(t MessageType, v any) ([]byte, error) {
+	if t == MsgReleaseAssignPacked {
+		c, ok := v.(ReleaseAssign)
+		if !ok {
+			return nil, fmt.Errorf("fsm: encode type %d: want a ReleaseAssign, got %T", t, v)
+		}
+		return packReleaseAssign([]byte{byte(t)}, c), nil
+	}
 	b, err := json.Marshal(v)
 	if err != nil {
 		return nil, fmt.Errorf("fsm: encode type %d: %w", t, err)
@@ -253,6 +266,8 @@ var handlers = map[MessageType]handler{
 	MsgForget:        (*FSM).applyForget,
 	MsgSetID:         (*FSM).applySetID,
 	MsgReleaseAssign: (*FSM).applyReleaseAssign,
+
+	MsgReleaseAssignPacked: (*FSM).applyReleaseAssignPacked,
 }
 
 // Apply implements raft.FSM. It returns []byte (an encoded Result) or an error.
@@ -368,6 +383,18 @@ func (f *FSM) release(items []ReleaseItem) (Result, []func()) {
 func (f *FSM) applyReleaseAssign(p []byte) (Result, []func()) {
 	var c ReleaseAssign
 	mustDecode(p, &c)
+	return f.releaseAssign(c)
+}
+
+func (f *FSM) applyReleaseAssignPacked(p []byte) (Result, []func()) {
+	c, err := unpackReleaseAssign(p)
+	if err != nil {
+		panic(decodeError{err})
+	}
+	return f.releaseAssign(c)
+}
+
+func (f *FSM) releaseAssign(c ReleaseAssign) (Result, []func()) {
 	rel, relNotify := f.release(c.Releases)
 	res, notify := f.assign(c.Assign)
 	res.Changed += rel.Changed

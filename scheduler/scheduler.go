@@ -554,13 +554,10 @@ func (s *Scheduler) dispatch(ctx context.Context, term, fence uint64, cfg pgstor
 		items[i] = fsm.Assignment{TaskID: c.TaskID, Attempt: c.Attempt, Node: c.Node, Incarnation: incs[c.Node].Incarnation,
 			Pool: c.Pool, Deadline: c.Deadline.UnixMilli(), External: c.External}
 	}
-	var res fsm.Result
-	var err error
-	if len(released) == 0 {
-		res, err = s.apply(ctx, fsm.MsgAssign, fsm.Assign{Term: term, Items: items})
-	} else {
-		res, err = s.apply(ctx, fsm.MsgReleaseAssign, fsm.ReleaseAssign{Releases: released, Assign: fsm.Assign{Term: term, Items: items}})
-	}
+	// One packed entry, with or without releases: every replica decodes
+	// it, at every replay too, so it is the compact form, not JSON.
+	res, err := s.apply(ctx, fsm.MsgReleaseAssignPacked,
+		fsm.ReleaseAssign{Releases: released, Assign: fsm.Assign{Term: term, Items: items}})
 	answerCommit(ctx, reqs, err)
 	if err != nil {
 		// The claimed rows are RUNNING, not started, in Postgres. Sweeps and

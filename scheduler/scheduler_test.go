@@ -638,7 +638,7 @@ func TestUncommittedClaimIsRequeued(t *testing.T) {
 	e := newEnv(t)
 	failed := make(chan struct{})
 	e.raft.setFailApply(func(cmd []byte) error {
-		if fsm.MessageType(cmd[0]) != fsm.MsgAssign {
+		if fsm.MessageType(cmd[0]) != fsm.MsgReleaseAssignPacked {
 			return nil
 		}
 		select {
