@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"testing"
 
@@ -136,6 +137,23 @@ func TestRevokeKeepsCountingUntilRelease(t *testing.T) {
 	require.Equal(t, 1, f.Counts().Workers, "a revoked attempt still holds its slot until its node releases it")
 	res = apply(t, f, MsgRevoke, Revoke{Items: []Ref{{1, 1}}})
 	require.Equal(t, 0, res.Changed, "revoke is idempotent")
+}
+
+// RevokedTaskIDs lists the revoked attempts still holding slots, and only
+// those: the leader keeps them out of its claims.
+func TestRevokedTaskIDs(t *testing.T) {
+	f := New(nil)
+	require.Empty(t, f.RevokedTaskIDs())
+	apply(t, f, MsgAssign, Assign{Term: 1, Items: []Assignment{
+		{TaskID: 1, Attempt: 1, Node: "a", Pool: "p"}, {TaskID: 2, Attempt: 1, Node: "a", Pool: "p"},
+		{TaskID: 3, Attempt: 1, Pool: "x", External: true}}})
+	apply(t, f, MsgRevoke, Revoke{Items: []Ref{{3, 1}, {1, 1}, {2, 9}}})
+	ids := f.RevokedTaskIDs()
+	slices.Sort(ids)
+	require.Equal(t, []int64{1, 3}, ids)
+	apply(t, f, MsgRelease, Release{Items: []ReleaseItem{{Ref: Ref{1, 1}}}})
+	require.Equal(t, []int64{3}, f.RevokedTaskIDs())
+	require.Equal(t, []int64{3}, restoredCopy(t, f).RevokedTaskIDs())
 }
 
 func TestSnapshotRestore(t *testing.T) {

@@ -637,12 +637,7 @@ func (s *Scheduler) claim(ctx context.Context, fence uint64, cfg pgstore.Config,
 	// A task whose revoked attempt still holds its slot (cancelled, paused
 	// or deferred while running) is not claimed again until its node lets
 	// go: the FSM would refuse the new assignment anyway.
-	var exclude []int64
-	for _, a := range s.cfg.FSM.Assignments() {
-		if a.Revoked {
-			exclude = append(exclude, a.TaskID)
-		}
-	}
+	exclude := s.cfg.FSM.RevokedTaskIDs()
 	claimed, err := s.cfg.Store.ClaimTasks(ctx, pgstore.ClaimRequest{Term: fence, Slots: slots, PoolRunning: counts.Pools, Now: now, Exclude: exclude})
 	if err != nil {
 		return nil, 0, fmt.Errorf("claim: %w", err)
