@@ -51,6 +51,7 @@ type bench struct {
 	nodes  int
 	lines  []string
 	figure map[string]float64
+	cpu    cpuMeter
 }
 
 // cmdBench measures throughput, latency and the machine's own limit on the
@@ -133,7 +134,9 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 			return err
 		}
 		b.dsn = pg.DSN("bench")
+		b.cpu.postmaster = pg.PID()
 	}
+	b.cpu.nodes = b.nodePIDs
 	cfg, err := pgxpool.ParseConfig(b.dsn)
 	if err != nil {
 		return usagef("--bench-dsn is invalid: %s", pgstore.MaskDSN(err.Error()))
@@ -356,32 +359,34 @@ func (b *bench) throughput(ctx context.Context, label string) error {
 	type round struct {
 		secs float64 // first entered to last processed
 		wall time.Duration
+		cpu  string // CPU per task, as cpuMeter.perTask renders it
 	}
 	rate := func(r round) float64 { return float64(b.f.tasks) / r.secs }
 	rounds := make([]round, 0, b.f.rounds)
 	each := make([]string, 0, b.f.rounds)
 	for i := range b.f.rounds {
-		secs, wall, err := b.throughputRound(ctx, label, i == 0 && b.f.profileSeconds > 0)
+		secs, wall, cpu, err := b.throughputRound(ctx, label, i == 0 && b.f.profileSeconds > 0)
 		if err != nil {
 			return err
 		}
-		rounds = append(rounds, round{secs, wall})
+		rounds = append(rounds, round{secs, wall, cpu})
 		each = append(each, num(rate(rounds[i])))
 	}
 	// Longest first, so the lower median rate is the middle one.
 	slices.SortStableFunc(rounds, func(x, y round) int { return cmp.Compare(y.secs, x.secs) })
 	m := rounds[(len(rounds)-1)/2]
-	b.print("throughput_"+label, rate(m), fmt.Sprintf("unit=tasks/s nodes=%d tasks=%d rounds=%d each=%s seconds=%.3f wall=%s",
-		b.nodes, b.f.tasks, len(each), strings.Join(each, ","), m.secs, m.wall.Round(time.Millisecond)))
+	b.print("throughput_"+label, rate(m), fmt.Sprintf("unit=tasks/s nodes=%d tasks=%d rounds=%d each=%s seconds=%.3f wall=%s%s",
+		b.nodes, b.f.tasks, len(each), strings.Join(each, ","), m.secs, m.wall.Round(time.Millisecond), m.cpu))
 	return nil
 }
 
 // throughputRound pushes --tasks trivial tasks in one statement and waits
 // until all are processed: the seconds from the first entered to the last
-// processed, and the wall time of the round.
-func (b *bench) throughputRound(ctx context.Context, label string, profile bool) (secs float64, wall time.Duration, err error) {
+// processed, the wall time of the round, and the CPU per task from the
+// end of the push to the end of the wait (cpuMeter.perTask).
+func (b *bench) throughputRound(ctx context.Context, label string, profile bool) (secs float64, wall time.Duration, cpu string, err error) {
 	if err := b.reset(ctx, true); err != nil {
-		return 0, 0, err
+		return 0, 0, "", err
 	}
 	var prof sync.WaitGroup
 	if profile {
@@ -396,16 +401,21 @@ func (b *bench) throughputRound(ctx context.Context, label string, profile bool)
 	defer prof.Wait()
 	start := time.Now()
 	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, b.f.tasks); err != nil {
-		return 0, 0, err
+		return 0, 0, "", err
 	}
+	// From the end of the push, as limit_bookkeeping counts from the end
+	// of its own: the work of claiming, running and finishing the tasks.
+	before := b.cpu.sample()
 	if err := b.waitDrained(ctx, 10*time.Minute); err != nil {
-		return 0, 0, err
+		return 0, 0, "", err
 	}
+	wall = time.Since(start)
+	cpu = b.cpu.perTask(before, b.cpu.sample(), b.f.tasks)
 	if err := b.db.QueryRow(ctx, `select extract(epoch from max(processed) - min(entered))::float8 from async.task
 		where source is distinct from 'bench history'`).Scan(&secs); err != nil {
-		return 0, 0, err
+		return 0, 0, "", err
 	}
-	return secs, time.Since(start), nil
+	return secs, wall, cpu, nil
 }
 
 func (b *bench) profile(ctx context.Context, c *localNode, label string) {
@@ -579,6 +589,7 @@ func (b *bench) limits(ctx context.Context) error {
 	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, b.f.tasks); err != nil {
 		return err
 	}
+	before := b.cpu.sample()
 	start = time.Now()
 	done := 0
 	for {
@@ -603,7 +614,8 @@ func (b *bench) limits(ctx context.Context) error {
 		done += len(ids)
 	}
 	b.print("limit_bookkeeping", float64(done)/time.Since(start).Seconds(),
-		fmt.Sprintf("unit=tasks/s tasks=%d batch=500 (claim in order + finish, plain SQL, no query run)", done))
+		fmt.Sprintf("unit=tasks/s tasks=%d batch=500 (claim in order + finish, plain SQL, no query run)%s", done,
+			b.cpu.perTask(before, b.cpu.sample(), done)))
 	return b.reset(ctx, false)
 }
 
@@ -697,6 +709,20 @@ func (b *bench) soakRound(ctx context.Context) error {
 
 // memUse is a process's resident memory in KiB: all of it, anonymous, and
 // file-backed.
+// nodePIDs returns the process ids of the running nodes.
+func (b *bench) nodePIDs() []int {
+	if b.lc == nil {
+		return nil
+	}
+	var pids []int
+	for _, c := range b.lc.children {
+		if c.cmd != nil && c.cmd.Process != nil {
+			pids = append(pids, c.cmd.Process.Pid)
+		}
+	}
+	return pids
+}
+
 type memUse struct{ rss, anon, file int64 }
 
 // clusterMem reads every node's resident memory (Linux /proc).

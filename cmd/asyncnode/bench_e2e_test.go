@@ -31,6 +31,16 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 		require.NotNil(t, m, "figure %s without its two rounds:\n%s", fig, out)
 		require.Equal(t, strconv.Itoa(min(atoi(t, m[2]), atoi(t, m[3]))), m[1], "figure %s is not the median of its rounds", fig)
 	}
+	// CPU per task (Linux /proc): the nodes' and the throwaway server's; a
+	// round of 500 tasks costs the server tens of milliseconds.
+	for _, fig := range []string{"throughput_empty", "throughput_history"} {
+		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=.* node_cpu_us_per_task=([0-9.e+]+) server_cpu_us_per_task=([0-9.e+]+)$`).FindStringSubmatch(out)
+		require.NotNil(t, m, "figure %s without its CPU per task:\n%s", fig, out)
+		server, err := strconv.ParseFloat(m[2], 64)
+		require.NoError(t, err)
+		require.Positive(t, server, "figure %s: server CPU per task", fig)
+	}
+	require.Regexp(t, `(?m)^bench figure=limit_bookkeeping value=.* no query run\) server_cpu_us_per_task=[0-9.e+]+$`, out)
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_consumed unit=ms nodes=1 samples=5 p50=`, out)
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_processed_history unit=ms`, out)
 	require.Regexp(t, `(?m)^bench figure=soak_rss_node1 value=\S+ \(anonymous RSS at end / after 1s\) anon_kib=[1-9]\d*,[1-9]\d* file_kib=\d+,\d+ rss_kib=[1-9]\d*,[1-9]\d* `, out)

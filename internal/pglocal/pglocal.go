@@ -334,6 +334,16 @@ func (s *Server) listen() string {
 	return strings.Join(s.opts.ListenAddresses, ",")
 }
 
+// PID is the postmaster's process id, 0 when the server is not running.
+func (s *Server) PID() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil || s.cmd.Process == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
 // Port is the TCP port of the server.
 func (s *Server) Port() int { return s.port }
 

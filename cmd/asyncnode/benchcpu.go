@@ -1,0 +1,135 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// userHZ is the unit of the CPU times in /proc/<pid>/stat: Linux reports
+// them in USER_HZ, 100 a second on every architecture it runs Go on.
+const userHZ = 100
+
+// procTimes is one process's CPU time from /proc/<pid>/stat, in ticks.
+type procTimes struct {
+	ppid     int
+	self     int64 // utime + stime
+	children int64 // cutime + cstime: children it has waited for
+}
+
+// readProcTimes parses /proc/<pid>/stat. The command name (field 2) may
+// hold spaces and parentheses, so the fields are counted from the last ')'.
+func readProcTimes(pid int) (procTimes, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return procTimes{}, err
+	}
+	return parseProcStat(pid, string(b))
+}
+
+func parseProcStat(pid int, s string) (procTimes, error) {
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return procTimes{}, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	var err error
+	// After ") ": state(3) ppid(4) ... utime(14) stime(15) cutime(16) cstime(17).
+	f := strings.Fields(s[i+1:])
+	if len(f) < 15 {
+		return procTimes{}, fmt.Errorf("/proc/%d/stat: %d fields after the command name", pid, len(f))
+	}
+	var v [5]int64
+	for k, idx := range []int{1, 11, 12, 13, 14} {
+		if v[k], err = strconv.ParseInt(f[idx], 10, 64); err != nil {
+			return procTimes{}, fmt.Errorf("/proc/%d/stat field %d: %w", pid, idx+3, err)
+		}
+	}
+	return procTimes{ppid: int(v[0]), self: v[1] + v[2], children: v[3] + v[4]}, nil
+}
+
+// cpuMeter adds up the CPU time of the bench's nodes and, when bench
+// started the server itself, of the server: the postmaster, every process
+// it has forked (backends, background workers) and those it has reaped.
+type cpuMeter struct {
+	nodes      func() []int // node process ids
+	postmaster int          // 0: the server's CPU is not measured (--bench-dsn)
+}
+
+// cpuSample is the CPU time used so far, in ticks.
+type cpuSample struct {
+	node, server int64
+	ok           bool // false: /proc is not readable here (not Linux)
+}
+
+func (m cpuMeter) sample() cpuSample {
+	var s cpuSample
+	for _, pid := range m.nodes() {
+		t, err := readProcTimes(pid)
+		if err != nil {
+			return cpuSample{}
+		}
+		s.node += t.self
+	}
+	if m.postmaster != 0 {
+		srv, err := serverTicks(m.postmaster)
+		if err != nil {
+			return cpuSample{}
+		}
+		s.server = srv
+	}
+	s.ok = true
+	return s
+}
+
+// serverTicks is the CPU time of postmaster and of all its children, live
+// or reaped.
+func serverTicks(postmaster int) (int64, error) {
+	pm, err := readProcTimes(postmaster)
+	if err != nil {
+		return 0, err
+	}
+	total := pm.self + pm.children
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, err
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == postmaster {
+			continue
+		}
+		t, err := readProcTimes(pid)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // ended meanwhile: the postmaster's children time has it, or will
+		}
+		if err != nil {
+			return 0, err
+		}
+		if t.ppid == postmaster {
+			total += t.self
+		}
+	}
+	return total, nil
+}
+
+// perTask renders the CPU used between two samples as microseconds per
+// task: " node_cpu_us_per_task=.. server_cpu_us_per_task=.." (each part
+// only when measured), or "" when /proc could not be read.
+func (m cpuMeter) perTask(before, after cpuSample, tasks int) string {
+	if !before.ok || !after.ok || tasks <= 0 {
+		return ""
+	}
+	us := func(ticks int64) string {
+		return num(float64(ticks) * 1e6 / userHZ / float64(tasks))
+	}
+	var b strings.Builder
+	if len(m.nodes()) > 0 {
+		b.WriteString(" node_cpu_us_per_task=" + us(after.node-before.node))
+	}
+	if m.postmaster != 0 {
+		b.WriteString(" server_cpu_us_per_task=" + us(after.server-before.server))
+	}
+	return b.String()
+}

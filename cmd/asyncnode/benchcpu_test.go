@@ -1,0 +1,81 @@
+package main
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestParseProcStat(t *testing.T) {
+	// A command name with spaces and parentheses, as a process may set it.
+	line := "4242 (a) b) (c) S 77 4242 4242 0 -1 4194560 120 0 0 0 31 9 5 6 20 0 1 0 100 1000 10\n"
+	pt, err := parseProcStat(4242, line)
+	require.NoError(t, err)
+	require.Equal(t, procTimes{ppid: 77, self: 40, children: 11}, pt)
+
+	_, err = parseProcStat(4242, "4242 no name")
+	require.ErrorContains(t, err, "no command name")
+	_, err = parseProcStat(4242, "4242 (x) S 77 1 2")
+	require.ErrorContains(t, err, "fields after the command name")
+	_, err = parseProcStat(4242, "4242 (x) S 77 4242 4242 0 -1 4194560 120 0 0 0 3x 9 5 6 20")
+	require.ErrorContains(t, err, "field 14")
+}
+
+// The server's CPU is its own, its live children's and its reaped
+// children's: here this test process plays the postmaster and a shell
+// loop the backend.
+func TestServerTicksCountsChildrenLiveAndReaped(t *testing.T) {
+	self, err := readProcTimes(os.Getpid())
+	require.NoError(t, err, "bench's CPU figures need Linux /proc")
+	require.Equal(t, os.Getppid(), self.ppid)
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	child := exec.CommandContext(ctx, "sh", "-c", "while :; do :; done")
+	require.NoError(t, child.Start())
+	defer func() { _ = child.Process.Kill() }()
+	// Wait until the child has been charged some CPU.
+	var burnt int64
+	require.Eventually(t, func() bool {
+		c, err := readProcTimes(child.Process.Pid)
+		if err != nil || c.ppid != os.Getpid() {
+			return false
+		}
+		burnt = c.self
+		return burnt >= 5
+	}, 30*time.Second, 20*time.Millisecond, "the child never showed up as ours with CPU time")
+
+	live, err := serverTicks(os.Getpid())
+	require.NoError(t, err)
+	ownNow, err := readProcTimes(os.Getpid())
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, live-ownNow.self-ownNow.children, burnt, "a live child's CPU is counted")
+
+	require.NoError(t, child.Process.Kill())
+	_ = child.Wait()
+	reaped, err := serverTicks(os.Getpid())
+	require.NoError(t, err)
+	after, err := readProcTimes(os.Getpid())
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, after.children, burnt, "the reaped child's CPU moved to this process's children time")
+	require.GreaterOrEqual(t, reaped, live, "reaping a child does not lose its CPU")
+}
+
+func TestCPUPerTask(t *testing.T) {
+	m := cpuMeter{nodes: func() []int { return []int{1, 2} }, postmaster: 9}
+	before := cpuSample{node: 100, server: 1000, ok: true}
+	after := cpuSample{node: 160, server: 1240, ok: true}
+	// 60 ticks = 600 ms over 10,000 tasks = 60 µs per task; 240 ticks = 240 µs.
+	require.Equal(t, " node_cpu_us_per_task=60 server_cpu_us_per_task=240", m.perTask(before, after, 10000))
+	require.Empty(t, m.perTask(cpuSample{}, after, 10000), "no figure without a first sample")
+	require.Empty(t, m.perTask(before, after, 0))
+	m.postmaster = 0
+	require.Equal(t, " node_cpu_us_per_task=60", m.perTask(before, after, 10000), "no server figure with --bench-dsn")
+	m.nodes = func() []int { return nil }
+	m.postmaster = 9
+	require.Equal(t, " server_cpu_us_per_task=240", m.perTask(before, after, 10000), "limit_bookkeeping: no nodes yet")
+}
