@@ -124,12 +124,12 @@ func (u *unpacker) uvarint() uint64 { return next(u, binary.Uvarint) }
 
 func (u *unpacker) varint() int64 { return next(u, binary.Varint) }
 
-// count reads a list length; every element takes at least min bytes, so a
-// count the rest of the payload cannot hold is refused before anything is
-// allocated for it.
-func (u *unpacker) count(min int) int {
+// count reads a list length; every element takes at least minBytes bytes,
+// so a count the rest of the payload cannot hold is refused before
+// anything is allocated for it.
+func (u *unpacker) count(minBytes int) int {
 	n := u.uvarint()
-	if u.err == nil && n > uint64(len(u.p)/min) {
+	if u.err == nil && n > uint64(len(u.p)/minBytes) {
 		u.fail(fmt.Errorf("packed entry: %d elements cannot fit in %d bytes", n, len(u.p)))
 		return 0
 	}
