@@ -259,14 +259,13 @@ func New(obs Observer) *FSM {
 type handler func(f *FSM, payload []byte) (Result, []func())
 
 var handlers = map[MessageType]handler{
-	MsgAssign:        (*FSM).applyAssign,
-	MsgRelease:       (*FSM).applyRelease,
-	MsgRevoke:        (*FSM).applyRevoke,
-	MsgRegister:      (*FSM).applyRegister,
-	MsgForget:        (*FSM).applyForget,
-	MsgSetID:         (*FSM).applySetID,
-	MsgReleaseAssign: (*FSM).applyReleaseAssign,
-
+	MsgAssign:              (*FSM).applyAssign,
+	MsgRelease:             (*FSM).applyRelease,
+	MsgRevoke:              (*FSM).applyRevoke,
+	MsgRegister:            (*FSM).applyRegister,
+	MsgForget:              (*FSM).applyForget,
+	MsgSetID:               (*FSM).applySetID,
+	MsgReleaseAssign:       (*FSM).applyReleaseAssign,
 	MsgReleaseAssignPacked: (*FSM).applyReleaseAssignPacked,
 }
 

@@ -35,7 +35,7 @@ func apply(t *testing.T, f *FSM, typ MessageType, v any) Result {
 }
 
 func TestEveryTypeHasHandler(t *testing.T) {
-	for _, typ := range []MessageType{MsgAssign, MsgRelease, MsgRevoke, MsgRegister, MsgForget, MsgSetID, MsgReleaseAssign} {
+	for _, typ := range []MessageType{MsgAssign, MsgRelease, MsgRevoke, MsgRegister, MsgForget, MsgSetID, MsgReleaseAssign, MsgReleaseAssignPacked} {
 		_, ok := handlers[typ]
 		require.True(t, ok, "no handler for type %d", typ)
 	}

@@ -707,8 +707,6 @@ func (b *bench) soakRound(ctx context.Context) error {
 	return nil
 }
 
-// memUse is a process's resident memory in KiB: all of it, anonymous, and
-// file-backed.
 // nodePIDs returns the process ids of the running nodes.
 func (b *bench) nodePIDs() []int {
 	if b.lc == nil {
@@ -723,6 +721,8 @@ func (b *bench) nodePIDs() []int {
 	return pids
 }
 
+// memUse is a process's resident memory in KiB: all of it, anonymous, and
+// file-backed.
 type memUse struct{ rss, anon, file int64 }
 
 // clusterMem reads every node's resident memory (Linux /proc).
