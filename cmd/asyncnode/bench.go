@@ -146,6 +146,9 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 		return err
 	}
 	defer b.db.Close()
+	if b.f.dsn != "" {
+		b.cpu.postmaster = localPostmaster(ctx, b.db)
+	}
 	// Refuse a database in use before changing anything in it.
 	var rows int64
 	if err := b.db.QueryRow(ctx, `select case when to_regclass('async.task') is null then 0

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"regexp"
 	"strconv"
 	"testing"
@@ -52,4 +53,31 @@ func atoi(t *testing.T, s string) int {
 	n, err := strconv.Atoi(s)
 	require.NoError(t, err)
 	return n
+}
+
+// bench --bench-dsn measures a database it did not start, leaves no task
+// behind, and refuses one that holds tasks without touching it. The
+// test's server runs on this machine, so its CPU is measured too.
+func TestBenchOnAGivenDatabase(t *testing.T) {
+	dsn := newDB(t)
+	out, errOut, code := runCLI(t, nil, "bench", "--bench-dsn", dsn, "--tasks", "300", "--samples", "3", "--clients", "2",
+		"--push-for", "1s", "--rounds", "1")
+	require.Equal(t, 0, code, "bench failed:\n%s\n%s", out, errOut)
+	require.NotContains(t, out, "starting a throwaway PostgreSQL")
+	require.Regexp(t, `(?m)^bench figure=throughput_empty value=.* node_cpu_us_per_task=[0-9.e+]+ server_cpu_us_per_task=[0-9.e+]+$`, out)
+	require.Regexp(t, `(?m)^bench figure=limit_bookkeeping value=.* server_cpu_us_per_task=[0-9.e+]+$`, out)
+
+	db := pool(t, dsn)
+	ctx := context.Background()
+	var left int
+	require.NoError(t, db.QueryRow(ctx, `select count(*) from async.task`).Scan(&left))
+	require.Zero(t, left, "bench left tasks behind")
+
+	_, err := db.Exec(ctx, `select async.push_tasks(array[async.task('select 1', 'SELF')])`)
+	require.NoError(t, err)
+	out, errOut, code = runCLI(t, nil, "bench", "--bench-dsn", dsn, "--tasks", "300")
+	require.NotEqual(t, 0, code, "bench ran on a database holding a task:\n%s", out)
+	require.Contains(t, errOut, "already holds 1 tasks; bench needs one without tasks")
+	require.NoError(t, db.QueryRow(ctx, `select count(*) from async.task`).Scan(&left))
+	require.Equal(t, 1, left, "the refused database was changed")
 }

@@ -1,11 +1,15 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // userHZ is the unit of the CPU times in /proc/<pid>/stat: Linux reports
@@ -50,11 +54,12 @@ func parseProcStat(pid int, s string) (procTimes, error) {
 }
 
 // cpuMeter adds up the CPU time of the bench's nodes and, when bench
-// started the server itself, of the server: the postmaster, every process
-// it has forked (backends, background workers) and those it has reaped.
+// started the server itself or finds it on this machine
+// (localPostmaster), of the server: the postmaster, every process it has
+// forked (backends, background workers) and those it has reaped.
 type cpuMeter struct {
 	nodes      func() []int // node process ids
-	postmaster int          // 0: the server's CPU is not measured (--bench-dsn)
+	postmaster int          // 0: the server's CPU is not measured
 }
 
 // cpuSample is the CPU time used so far, in ticks.
@@ -132,4 +137,37 @@ func (m cpuMeter) perTask(before, after cpuSample, tasks int) string {
 		b.WriteString(" server_cpu_us_per_task=" + us(after.server-before.server))
 	}
 	return b.String()
+}
+
+// localPostmaster finds the postmaster of the server db is connected to,
+// when that server runs on this machine and bench may read its processes:
+// the parent of the session's backend, if its working directory is the
+// server's data directory (a postmaster runs in it). 0 when it is not
+// found that way (another machine, no /proc, no right to read the data
+// directory setting): then the server's CPU is not measured.
+func localPostmaster(ctx context.Context, db *pgxpool.Pool) int {
+	var pid int
+	var dataDir string
+	if err := db.QueryRow(ctx, `select pg_backend_pid(), coalesce(current_setting('data_directory', true), '')`).Scan(&pid, &dataDir); err != nil || dataDir == "" {
+		return 0
+	}
+	t, err := readProcTimes(pid)
+	if err != nil {
+		return 0
+	}
+	cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", t.ppid))
+	if err != nil || !sameDir(cwd, dataDir) {
+		return 0
+	}
+	return t.ppid
+}
+
+// sameDir reports whether two paths name the same directory.
+func sameDir(a, b string) bool {
+	ea, err1 := filepath.EvalSymlinks(a)
+	eb, err2 := filepath.EvalSymlinks(b)
+	if err1 != nil || err2 != nil {
+		return filepath.Clean(a) == filepath.Clean(b)
+	}
+	return ea == eb
 }

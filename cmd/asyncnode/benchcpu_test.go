@@ -74,7 +74,7 @@ func TestCPUPerTask(t *testing.T) {
 	require.Empty(t, m.perTask(cpuSample{}, after, 10000), "no figure without a first sample")
 	require.Empty(t, m.perTask(before, after, 0))
 	m.postmaster = 0
-	require.Equal(t, " node_cpu_us_per_task=60", m.perTask(before, after, 10000), "no server figure with --bench-dsn")
+	require.Equal(t, " node_cpu_us_per_task=60", m.perTask(before, after, 10000), "no server figure when the server is not measured")
 	m.nodes = func() []int { return nil }
 	m.postmaster = 9
 	require.Equal(t, " server_cpu_us_per_task=240", m.perTask(before, after, 10000), "limit_bookkeeping: no nodes yet")
