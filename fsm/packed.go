@@ -64,18 +64,14 @@ func packReleaseAssign(b []byte, c ReleaseAssign) []byte {
 	b = binary.AppendUvarint(b, uint64(len(c.Releases)))
 	var prevID int64
 	for _, r := range c.Releases {
-		b = binary.AppendVarint(b, r.TaskID-prevID)
-		prevID = r.TaskID
-		b = binary.AppendVarint(b, int64(r.Attempt))
+		b = appendRef(b, r.Ref, &prevID)
 		b = append(b, flag(r.Yielded, packYielded)|flag(r.HoldPool, packHoldPool))
 	}
 	b = binary.AppendUvarint(b, uint64(len(c.Items)))
 	prevID = 0
 	var prevDeadline int64
 	for i, a := range c.Items {
-		b = binary.AppendVarint(b, a.TaskID-prevID)
-		prevID = a.TaskID
-		b = binary.AppendVarint(b, int64(a.Attempt))
+		b = appendRef(b, a.Ref(), &prevID)
 		b = binary.AppendUvarint(b, names[i].node)
 		b = binary.AppendUvarint(b, names[i].inc)
 		b = binary.AppendUvarint(b, names[i].pool)
@@ -84,6 +80,14 @@ func packReleaseAssign(b []byte, c ReleaseAssign) []byte {
 		b = append(b, flag(a.Yielded, packYielded)|flag(a.External, packExternal)|flag(a.Revoked, packRevoked))
 	}
 	return b
+}
+
+// appendRef appends r's task id, as a delta from *prevID (then set to it),
+// and its attempt.
+func appendRef(b []byte, r Ref, prevID *int64) []byte {
+	b = binary.AppendVarint(b, r.TaskID-*prevID)
+	*prevID = r.TaskID
+	return binary.AppendVarint(b, int64(r.Attempt))
 }
 
 func flag(set bool, bit byte) byte {
@@ -134,6 +138,13 @@ func (u *unpacker) count(minBytes int) int {
 		return 0
 	}
 	return int(n)
+}
+
+// ref reads what appendRef wrote: a task id delta from *prevID (which it
+// advances) and an attempt.
+func (u *unpacker) ref(prevID *int64) Ref {
+	*prevID += u.varint()
+	return Ref{TaskID: *prevID, Attempt: u.attempt()}
 }
 
 func (u *unpacker) attempt() int32 {
@@ -192,10 +203,8 @@ func unpackReleaseAssign(p []byte) (ReleaseAssign, error) {
 	}
 	var id int64
 	for i := range c.Releases {
-		id += u.varint()
 		r := &c.Releases[i]
-		r.TaskID = id
-		r.Attempt = u.attempt()
+		r.Ref = u.ref(&id)
 		f := u.flags(releaseFlags)
 		r.Yielded, r.HoldPool = f&packYielded != 0, f&packHoldPool != 0
 	}
@@ -205,10 +214,9 @@ func unpackReleaseAssign(p []byte) (ReleaseAssign, error) {
 	id = 0
 	var deadline int64
 	for i := range c.Items {
-		id += u.varint()
 		a := &c.Items[i]
-		a.TaskID = id
-		a.Attempt = u.attempt()
+		ref := u.ref(&id)
+		a.TaskID, a.Attempt = ref.TaskID, ref.Attempt
 		a.Node, a.Incarnation, a.Pool = u.str(table), u.str(table), u.str(table)
 		deadline += u.varint()
 		a.Deadline = deadline
