@@ -8,12 +8,13 @@ import (
 // taskIDMacro is replaced by the task id in every query text (D16).
 const taskIDMacro = "##flow.TASK_ID##"
 
-// resetSession undoes every piece of session state a task may leave on its
-// connection. Every statement here may run inside a transaction block, so it
-// can follow the task text in the same simple-protocol message (one round
-// trip). RESET SESSION AUTHORIZATION comes first: it also resets the role
-// (RESET ALL does not), and the rest then runs as the connecting user.
-const resetSession = "RESET SESSION AUTHORIZATION;RESET ALL;DISCARD TEMP;DISCARD SEQUENCES;" +
+// SessionReset undoes every piece of session state a task may leave on its
+// connection. Every statement here may run inside a transaction block, so
+// it can follow the task text in the same simple-protocol message (one
+// round trip). RESET SESSION AUTHORIZATION comes first: it also resets the
+// role (RESET ALL does not), and the rest then runs as the connecting
+// user. Exported for `asyncnode bench`, which sends the same text.
+const SessionReset = "RESET SESSION AUTHORIZATION;RESET ALL;DISCARD TEMP;DISCARD SEQUENCES;" +
 	"CLOSE ALL;UNLISTEN *;DEALLOCATE ALL;SELECT pg_advisory_unlock_all()"
 
 // prepared is a task text ready to send.
@@ -22,7 +23,7 @@ type prepared struct {
 	sql string
 	// separateReset is true for a lone CALL or VACUUM: sql is the task text
 	// alone (a procedure may COMMIT, VACUUM cannot run in a transaction
-	// block) and resetSession must be sent after it on its own.
+	// block) and SessionReset must be sent after it on its own.
 	separateReset bool
 }
 
@@ -35,7 +36,7 @@ func prepareQuery(taskID int64, text string) prepared {
 	}
 	// The newline ends a trailing -- comment; the semicolon ends the last
 	// statement if the text did not.
-	return prepared{sql: text + "\n;" + resetSession}
+	return prepared{sql: text + "\n;" + SessionReset}
 }
 
 // leadingKeyword returns the first word of text (upper-cased), after white

@@ -249,7 +249,7 @@ func (e *Executor) execute(ctx context.Context, t *target, conn *pgxpool.Conn, q
 	})
 	execErr = pc.Exec(ctx, q.sql).Close()
 	if execErr == nil && q.separateReset && pc.TxStatus() == 'I' {
-		resetErr = pc.Exec(ctx, resetSession).Close()
+		resetErr = pc.Exec(ctx, SessionReset).Close()
 	}
 	close(execDone)
 	if !stopWatchdog() {

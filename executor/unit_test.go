@@ -49,7 +49,7 @@ func TestLeadingKeyword(t *testing.T) {
 func TestPrepareQuery(t *testing.T) {
 	p := prepareQuery(42, "insert into t values (##flow.TASK_ID##, '##flow.TASK_ID##')")
 	require.False(t, p.separateReset)
-	require.Equal(t, "insert into t values (42, '42')\n;"+resetSession, p.sql)
+	require.Equal(t, "insert into t values (42, '42')\n;"+SessionReset, p.sql)
 
 	p = prepareQuery(7, "-- maintenance\nCALL do_it(##flow.TASK_ID##)")
 	require.True(t, p.separateReset)

@@ -219,13 +219,15 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 		}
 	}
 	b.ratio("throughput_vs_bookkeeping_limit", "throughput_empty", "limit_bookkeeping")
+	b.ratio("throughput_vs_plain_node_limit", "throughput_empty", "limit_plain_node")
 	// Leave no task behind (a --bench-dsn database must be reusable).
 	if err := b.reset(ctx, false); err != nil {
 		return err
 	}
 	var parts []string
 	for _, k := range []string{"throughput_empty", "continuous", "latency_consumed_p50_ms", "latency_consumed_p99_ms",
-		"limit_roundtrips", "limit_bookkeeping", "throughput_vs_bookkeeping_limit", "throughput_history",
+		"limit_roundtrips", "limit_bookkeeping", "limit_plain_node", "throughput_vs_bookkeeping_limit",
+		"throughput_vs_plain_node_limit", "throughput_history",
 		"history_vs_empty", "soak_rss_growth_max", "scale_out_speedup"} {
 		if v, ok := b.figure[k]; ok {
 			parts = append(parts, fmt.Sprintf("%s=%s", k, num(v)))
@@ -561,8 +563,9 @@ func (b *bench) addHistory(ctx context.Context) error {
 }
 
 // limits measures, on the same PostgreSQL with no node running: trivial
-// round trips over the same number of connections, and the bookkeeping
-// (claim a batch in order, mark it finished) done as plain batched SQL.
+// round trips over the same number of connections, the bookkeeping
+// (claim a batch in order, mark it finished) done as plain batched SQL, and
+// a task's whole contract done by the plainest program (limitPlainNode).
 func (b *bench) limits(ctx context.Context) error {
 	var n atomic.Int64
 	var wg sync.WaitGroup
@@ -619,7 +622,10 @@ func (b *bench) limits(ctx context.Context) error {
 	b.print("limit_bookkeeping", float64(done)/time.Since(start).Seconds(),
 		fmt.Sprintf("unit=tasks/s tasks=%d batch=500 (claim in order + finish, plain SQL, no query run)%s", done,
 			b.cpu.perTask(before, b.cpu.sample(), done)))
-	return b.reset(ctx, false)
+	if err := b.reset(ctx, false); err != nil {
+		return err
+	}
+	return b.limitPlainNode(ctx)
 }
 
 // scaleOut: pg_sleep(0.05) tasks, each node capped at --per-node at once;

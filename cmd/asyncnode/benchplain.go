@@ -1,0 +1,162 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/asyncnode/asyncnode/executor"
+)
+
+// plainBatch is how many tasks limitPlainNode claims, and at most
+// finishes, in one statement (as limit_bookkeeping does).
+const plainBatch = 500
+
+// limitPlainNode measures what a task's whole contract costs this server
+// when the simplest program that keeps it does the work, with no node
+// running: one session claims READY tasks in order plainBatch at a time
+// (FOR UPDATE SKIP LOCKED, setting consumed and attempt) and marks them
+// started; executor.DefaultShortConns sessions each run tasks' queries
+// followed by the executor's session reset in the same message (one round
+// trip per task, as a node sends them); one session marks the finished
+// ones processed, in batches. Three row updates and one round trip per
+// task, as with a node, and nothing else: no Raft, no scheduler, no pool
+// limits, no fencing, no time-outs. The node CPU figure of its line is
+// bench's own process, which plays the node.
+func (b *bench) limitPlainNode(ctx context.Context) error {
+	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, b.f.tasks); err != nil {
+		return err
+	}
+	sessions := executor.DefaultShortConns
+	conns := make([]*pgx.Conn, 0, sessions)
+	defer func() {
+		for _, c := range conns {
+			c.Close(context.WithoutCancel(ctx))
+		}
+	}()
+	for range sessions {
+		c, err := pgx.Connect(ctx, b.dsn)
+		if err != nil {
+			return fmt.Errorf("limit_plain_node: open a task session: %w", err)
+		}
+		conns = append(conns, c)
+	}
+
+	type claimed struct {
+		id    int64
+		query string
+	}
+	rctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	work := make(chan claimed, 2*plainBatch)
+	done := make(chan int64, b.f.tasks) // never blocks a runner
+	meter := cpuMeter{nodes: func() []int { return []int{os.Getpid()} }, postmaster: b.cpu.postmaster}
+	before := meter.sample()
+	start := time.Now()
+
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		defer close(work)
+		for rctx.Err() == nil {
+			var ids []int64
+			if err := b.db.QueryRow(rctx, `with c as (
+				  select task_id from async.task where consumed is null and processed is null
+				   order by priority, entered, task_id limit $1 for update skip locked),
+				u as (
+				  update async.task t set consumed = clock_timestamp(), attempt = t.attempt + 1
+				    from c where t.task_id = c.task_id returning t.task_id)
+				select coalesce(array_agg(task_id), '{}') from u`, plainBatch).Scan(&ids); err != nil {
+				cancel(fmt.Errorf("limit_plain_node: claim: %w", err))
+				return
+			}
+			if len(ids) == 0 {
+				return
+			}
+			rows, err := b.db.Query(rctx, `update async.task set started = clock_timestamp()
+				where task_id = any($1) returning task_id, query`, ids)
+			if err != nil {
+				cancel(fmt.Errorf("limit_plain_node: start: %w", err))
+				return
+			}
+			started, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (claimed, error) {
+				var c claimed
+				return c, r.Scan(&c.id, &c.query)
+			})
+			if err != nil {
+				cancel(fmt.Errorf("limit_plain_node: start: %w", err))
+				return
+			}
+			for _, c := range started {
+				select {
+				case work <- c:
+				case <-rctx.Done():
+					return
+				}
+			}
+		}
+	})
+	for _, conn := range conns {
+		wg.Go(func() {
+			for c := range work {
+				// As the executor sends a task (executor/sqltext.go).
+				if _, err := conn.PgConn().Exec(rctx, c.query+"\n;"+executor.SessionReset).ReadAll(); err != nil {
+					cancel(fmt.Errorf("limit_plain_node: task %d: %w", c.id, err))
+					return
+				}
+				done <- c.id
+			}
+		})
+	}
+
+	finished := 0
+	err := func() error {
+		for finished < b.f.tasks {
+			var ids []int64
+			select {
+			case id := <-done:
+				ids = append(ids, id)
+			case <-rctx.Done():
+				return context.Cause(rctx)
+			}
+		drain:
+			for len(ids) < plainBatch {
+				select {
+				case id := <-done:
+					ids = append(ids, id)
+				default:
+					break drain
+				}
+			}
+			if _, err := b.db.Exec(rctx, `update async.task set processed = clock_timestamp(), finish_status = 'FINISHED', failed = false
+				where task_id = any($1)`, ids); err != nil {
+				return fmt.Errorf("limit_plain_node: finish: %w", err)
+			}
+			finished += len(ids)
+		}
+		return nil
+	}()
+	elapsed := time.Since(start)
+	after := meter.sample()
+	cancel(err)
+	wg.Wait()
+	if err != nil {
+		return err
+	}
+	// Every task went through all three updates, none twice.
+	var ok int
+	if err := b.db.QueryRow(ctx, `select count(*) from async.task
+		where attempt = 1 and started is not null and processed is not null and finish_status = 'FINISHED'`).Scan(&ok); err != nil {
+		return err
+	}
+	if ok != b.f.tasks {
+		return fmt.Errorf("limit_plain_node: %d of %d tasks were claimed, started and finished once", ok, b.f.tasks)
+	}
+	b.print("limit_plain_node", float64(finished)/elapsed.Seconds(),
+		fmt.Sprintf("unit=tasks/s tasks=%d task_sessions=%d batch=%d (claim in order + start + 'select 0' with the session reset + finish, plain SQL, no Raft)%s",
+			finished, sessions, plainBatch, meter.perTask(before, after, finished)))
+	return b.reset(ctx, false)
+}
