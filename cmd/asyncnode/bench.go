@@ -600,13 +600,7 @@ func (b *bench) limits(ctx context.Context) error {
 	done := 0
 	for {
 		var ids []int64
-		err := b.db.QueryRow(ctx, `with c as (
-			  select task_id from async.task where consumed is null and processed is null
-			   order by priority, entered, task_id limit 500 for update skip locked),
-			u as (
-			  update async.task t set consumed = clock_timestamp(), attempt = t.attempt + 1
-			    from c where t.task_id = c.task_id returning t.task_id)
-			select coalesce(array_agg(task_id), '{}') from u`).Scan(&ids)
+		err := b.db.QueryRow(ctx, plainClaim, plainBatch).Scan(&ids)
 		if err != nil {
 			return err
 		}
@@ -620,7 +614,7 @@ func (b *bench) limits(ctx context.Context) error {
 		done += len(ids)
 	}
 	b.print("limit_bookkeeping", float64(done)/time.Since(start).Seconds(),
-		fmt.Sprintf("unit=tasks/s tasks=%d batch=500 (claim in order + finish, plain SQL, no query run)%s", done,
+		fmt.Sprintf("unit=tasks/s tasks=%d batch=%d (claim in order + finish, plain SQL, no query run)%s", done, plainBatch,
 			b.cpu.perTask(before, b.cpu.sample(), done)))
 	if err := b.reset(ctx, false); err != nil {
 		return err

@@ -12,9 +12,24 @@ import (
 	"github.com/asyncnode/asyncnode/executor"
 )
 
-// plainBatch is how many tasks limitPlainNode claims, and at most
-// finishes, in one statement (as limit_bookkeeping does).
+// plainBatch is how many tasks limit_bookkeeping and limit_plain_node
+// claim, and at most finish, in one statement.
 const plainBatch = 500
+
+// plainClaim claims up to $1 READY tasks of bench (all in the SELF pool)
+// in (priority, entered, task_id) order, skipping rows locked by others,
+// and returns their ids: an ordered read of task_ready_idx, then one
+// task_pkey lookup per id. (Until 2026-12-05 the limits joined the locked
+// rows with the table instead, which the server ran as a sequential scan
+// of the whole table, sorted, at every claim.)
+const plainClaim = `with u as (
+	  update async.task t set consumed = clock_timestamp(), attempt = t.attempt + 1
+	   where t.task_id = any(array(
+	     select task_id from async.task
+	      where concurrency_pool = 'SELF' and consumed is null and processed is null and yielded is null
+	      order by priority, entered, task_id limit $1 for update skip locked))
+	  returning t.task_id)
+	select coalesce(array_agg(task_id), '{}') from u`
 
 // limitPlainNode measures what a task's whole contract costs this server
 // when the simplest program that keeps it does the work, with no node
@@ -63,13 +78,7 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 		defer close(work)
 		for rctx.Err() == nil {
 			var ids []int64
-			if err := b.db.QueryRow(rctx, `with c as (
-				  select task_id from async.task where consumed is null and processed is null
-				   order by priority, entered, task_id limit $1 for update skip locked),
-				u as (
-				  update async.task t set consumed = clock_timestamp(), attempt = t.attempt + 1
-				    from c where t.task_id = c.task_id returning t.task_id)
-				select coalesce(array_agg(task_id), '{}') from u`, plainBatch).Scan(&ids); err != nil {
+			if err := b.db.QueryRow(rctx, plainClaim, plainBatch).Scan(&ids); err != nil {
 				cancel(fmt.Errorf("limit_plain_node: claim: %w", err))
 				return
 			}
