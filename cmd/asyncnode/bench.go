@@ -595,12 +595,16 @@ func (b *bench) limits(ctx context.Context) error {
 	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, b.f.tasks); err != nil {
 		return err
 	}
+	pool, err := b.benchPool(ctx)
+	if err != nil {
+		return fmt.Errorf("limit_bookkeeping: %w", err)
+	}
 	before := b.cpu.sample()
 	start = time.Now()
 	done := 0
 	for {
 		var ids []int64
-		err := b.db.QueryRow(ctx, plainClaim, plainBatch).Scan(&ids)
+		err := b.db.QueryRow(ctx, plainClaim, plainBatch, pool).Scan(&ids)
 		if err != nil {
 			return err
 		}
@@ -612,6 +616,9 @@ func (b *bench) limits(ctx context.Context) error {
 			return err
 		}
 		done += len(ids)
+	}
+	if done != b.f.tasks {
+		return fmt.Errorf("limit_bookkeeping: claimed %d of the %d tasks pushed", done, b.f.tasks)
 	}
 	b.print("limit_bookkeeping", float64(done)/time.Since(start).Seconds(),
 		fmt.Sprintf("unit=tasks/s tasks=%d batch=%d (claim in order + finish, plain SQL, no query run)%s", done, plainBatch,

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -16,20 +17,33 @@ import (
 // claim, and at most finish, in one statement.
 const plainBatch = 500
 
-// plainClaim claims up to $1 READY tasks of bench (all in the SELF pool)
-// in (priority, entered, task_id) order, skipping rows locked by others,
-// and returns their ids: an ordered read of task_ready_idx, then one
-// task_pkey lookup per id. (Until 2026-12-05 the limits joined the locked
+// plainClaim claims up to $1 READY tasks of pool $2 (bench's tasks are all
+// in one, benchPool) in (priority, entered, task_id) order, skipping rows
+// locked by others, and returns their ids: an ordered read of
+// task_ready_idx, then one task_pkey lookup per id. (Until 2026-12-05 the limits joined the locked
 // rows with the table instead, which the server ran as a sequential scan
 // of the whole table, sorted, at every claim.)
 const plainClaim = `with u as (
 	  update async.task t set consumed = clock_timestamp(), attempt = t.attempt + 1
 	   where t.task_id = any(array(
 	     select task_id from async.task
-	      where concurrency_pool = 'SELF' and consumed is null and processed is null and yielded is null
+	      where concurrency_pool = $2 and consumed is null and processed is null and yielded is null
 	      order by priority, entered, task_id limit $1 for update skip locked))
 	  returning t.task_id)
 	select coalesce(array_agg(task_id), '{}') from u`
+
+// benchPool is the concurrency pool of the tasks bench pushed: SELF's,
+// whatever a --bench-dsn database configured for it.
+func (b *bench) benchPool(ctx context.Context) (string, error) {
+	var pool *string
+	if err := b.db.QueryRow(ctx, `select min(concurrency_pool) from async.task`).Scan(&pool); err != nil {
+		return "", fmt.Errorf("find the pool of the pushed tasks: %w", err)
+	}
+	if pool == nil {
+		return "", errors.New("no task was pushed")
+	}
+	return *pool, nil
+}
 
 // limitPlainNode measures what a task's whole contract costs this server
 // when the simplest program that keeps it does the work, with no node
@@ -45,6 +59,10 @@ const plainClaim = `with u as (
 func (b *bench) limitPlainNode(ctx context.Context) error {
 	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, b.f.tasks); err != nil {
 		return err
+	}
+	pool, err := b.benchPool(ctx)
+	if err != nil {
+		return fmt.Errorf("limit_plain_node: %w", err)
 	}
 	sessions := executor.DefaultShortConns
 	conns := make([]*pgx.Conn, 0, sessions)
@@ -68,7 +86,7 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 	rctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	work := make(chan claimed, 2*plainBatch)
-	done := make(chan int64, b.f.tasks) // never blocks a runner
+	done := make(chan int64, b.f.tasks) // never blocks a runner; closed when all ended
 	meter := cpuMeter{nodes: func() []int { return []int{os.Getpid()} }, postmaster: b.cpu.postmaster}
 	before := meter.sample()
 	start := time.Now()
@@ -78,7 +96,7 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 		defer close(work)
 		for rctx.Err() == nil {
 			var ids []int64
-			if err := b.db.QueryRow(rctx, plainClaim, plainBatch).Scan(&ids); err != nil {
+			if err := b.db.QueryRow(rctx, plainClaim, plainBatch, pool).Scan(&ids); err != nil {
 				cancel(fmt.Errorf("limit_plain_node: claim: %w", err))
 				return
 			}
@@ -121,12 +139,21 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 		})
 	}
 
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+
+	// Finish until the claimer and every runner have ended and done is empty.
 	finished := 0
-	err := func() error {
-		for finished < b.f.tasks {
+	err = func() error {
+		for {
 			var ids []int64
 			select {
-			case id := <-done:
+			case id, ok := <-done:
+				if !ok {
+					return nil
+				}
 				ids = append(ids, id)
 			case <-rctx.Done():
 				return context.Cause(rctx)
@@ -134,7 +161,10 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 		drain:
 			for len(ids) < plainBatch {
 				select {
-				case id := <-done:
+				case id, ok := <-done:
+					if !ok {
+						break drain
+					}
 					ids = append(ids, id)
 				default:
 					break drain
@@ -146,12 +176,12 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 			}
 			finished += len(ids)
 		}
-		return nil
 	}()
 	elapsed := time.Since(start)
 	after := meter.sample()
 	cancel(err)
-	wg.Wait()
+	for range done { // until every goroutine has ended
+	}
 	if err != nil {
 		return err
 	}
