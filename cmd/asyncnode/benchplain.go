@@ -20,9 +20,9 @@ const plainBatch = 500
 // plainClaim claims up to $1 READY tasks of pool $2 (bench's tasks are all
 // in one, benchPool) in (priority, entered, task_id) order, skipping rows
 // locked by others, and returns their ids: an ordered read of
-// task_ready_idx, then one task_pkey lookup per id. (Until 2026-12-05 the limits joined the locked
-// rows with the table instead, which the server ran as a sequential scan
-// of the whole table, sorted, at every claim.)
+// task_ready_idx, then one task_pkey lookup per id. (Until 2026-12-05 the
+// limits joined the locked rows with the table instead, which the server
+// ran as a sequential scan of the whole table, sorted, at every claim.)
 const plainClaim = `with u as (
 	  update async.task t set consumed = clock_timestamp(), attempt = t.attempt + 1
 	   where t.task_id = any(array(
@@ -32,8 +32,8 @@ const plainClaim = `with u as (
 	  returning t.task_id)
 	select coalesce(array_agg(task_id), '{}') from u`
 
-// benchPool is the concurrency pool of the tasks bench pushed: SELF's,
-// whatever a --bench-dsn database configured for it.
+// benchPool is the concurrency pool of the tasks bench pushed (all pushed
+// alike, so all in one), read from them rather than assumed.
 func (b *bench) benchPool(ctx context.Context) (string, error) {
 	var pool *string
 	if err := b.db.QueryRow(ctx, `select min(concurrency_pool) from async.task`).Scan(&pool); err != nil {
