@@ -287,10 +287,17 @@ func (b *bench) stopCluster() {
 	}
 }
 
+// push pushes n tasks of query on SELF in one statement. They carry no
+// pool of their own, so push_tasks puts them in SELF's pool.
+func (b *bench) push(ctx context.Context, n int, query string) error {
+	_, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task($1, 'SELF'))) from generate_series(1, $2)`, query, n)
+	return err
+}
+
 // pushAndWait pushes n tasks in one statement and waits until none is
 // unfinished.
 func (b *bench) pushAndWait(ctx context.Context, n int, query string) error {
-	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task($1, 'SELF'))) from generate_series(1, $2)`, query, n); err != nil {
+	if err := b.push(ctx, n, query); err != nil {
 		return err
 	}
 	return b.waitDrained(ctx, 10*time.Minute)
@@ -405,7 +412,7 @@ func (b *bench) throughputRound(ctx context.Context, label string, profile bool)
 	}
 	defer prof.Wait()
 	start := time.Now()
-	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, b.f.tasks); err != nil {
+	if err := b.push(ctx, b.f.tasks, "select 0"); err != nil {
 		return 0, 0, "", err
 	}
 	// From the end of the push, as limit_bookkeeping counts from the end
@@ -463,8 +470,7 @@ func (b *bench) continuous(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			for pctx.Err() == nil {
-				_, err := b.db.Exec(pctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, 100)`)
-				if err != nil {
+				if err := b.push(pctx, 100, "select 0"); err != nil {
 					if pctx.Err() == nil {
 						errs <- err
 					}
@@ -592,27 +598,22 @@ func (b *bench) limits(ctx context.Context) error {
 	b.print("limit_roundtrips", float64(n.Load())/time.Since(start).Seconds(),
 		fmt.Sprintf("unit=queries/s connections=%d query='select 0'", b.f.clients))
 
-	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, b.f.tasks); err != nil {
+	if err := b.push(ctx, b.f.tasks, "select 0"); err != nil {
 		return err
-	}
-	pool, err := b.benchPool(ctx)
-	if err != nil {
-		return fmt.Errorf("limit_bookkeeping: %w", err)
 	}
 	before := b.cpu.sample()
 	start = time.Now()
 	done := 0
 	for {
 		var ids []int64
-		err := b.db.QueryRow(ctx, plainClaim, plainBatch, pool).Scan(&ids)
+		err := b.db.QueryRow(ctx, plainClaim, plainBatch).Scan(&ids)
 		if err != nil {
 			return err
 		}
 		if len(ids) == 0 {
 			break
 		}
-		if _, err := b.db.Exec(ctx, `update async.task set processed = clock_timestamp(), finish_status = 'FINISHED', failed = false
-			where task_id = any($1)`, ids); err != nil {
+		if _, err := b.db.Exec(ctx, plainFinish, ids); err != nil {
 			return err
 		}
 		done += len(ids)
@@ -684,7 +685,7 @@ func (b *bench) soakRound(ctx context.Context) error {
 			return ctx.Err()
 		case <-tick.C:
 		}
-		if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, perTick); err != nil {
+		if err := b.push(ctx, perTick, "select 0"); err != nil {
 			return fmt.Errorf("soak push: %w", err)
 		}
 		pushed += perTick

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -17,33 +16,24 @@ import (
 // claim, and at most finish, in one statement.
 const plainBatch = 500
 
-// plainClaim claims up to $1 READY tasks of pool $2 (bench's tasks are all
-// in one, benchPool) in (priority, entered, task_id) order, skipping rows
-// locked by others, and returns their ids: an ordered read of
-// task_ready_idx, then one task_pkey lookup per id. (Until 2026-12-05 the
+// plainClaim claims up to $1 READY tasks of bench (pool SELF, see push)
+// in (priority, entered, task_id) order, skipping rows locked by others,
+// and returns their ids: an ordered read of task_ready_idx, then one
+// task_pkey lookup per id. (Until 2026-12-05 the
 // limits joined the locked rows with the table instead, which the server
 // ran as a sequential scan of the whole table, sorted, at every claim.)
 const plainClaim = `with u as (
 	  update async.task t set consumed = clock_timestamp(), attempt = t.attempt + 1
 	   where t.task_id = any(array(
 	     select task_id from async.task
-	      where concurrency_pool = $2 and consumed is null and processed is null and yielded is null
+	      where concurrency_pool = 'SELF' and consumed is null and processed is null and yielded is null
 	      order by priority, entered, task_id limit $1 for update skip locked))
 	  returning t.task_id)
 	select coalesce(array_agg(task_id), '{}') from u`
 
-// benchPool is the concurrency pool of the tasks bench pushed (all pushed
-// alike, so all in one), read from them rather than assumed.
-func (b *bench) benchPool(ctx context.Context) (string, error) {
-	var pool *string
-	if err := b.db.QueryRow(ctx, `select min(concurrency_pool) from async.task`).Scan(&pool); err != nil {
-		return "", fmt.Errorf("find the pool of the pushed tasks: %w", err)
-	}
-	if pool == nil {
-		return "", errors.New("no task was pushed")
-	}
-	return *pool, nil
-}
+// plainFinish marks the tasks $1 finished, as the plain limits do.
+const plainFinish = `update async.task set processed = clock_timestamp(), finish_status = 'FINISHED', failed = false
+	where task_id = any($1)`
 
 // limitPlainNode measures what a task's whole contract costs this server
 // when the simplest program that keeps it does the work, with no node
@@ -57,12 +47,8 @@ func (b *bench) benchPool(ctx context.Context) (string, error) {
 // limits, no fencing, no time-outs. The node CPU figure of its line is
 // bench's own process, which plays the node.
 func (b *bench) limitPlainNode(ctx context.Context) error {
-	if _, err := b.db.Exec(ctx, `select async.push_tasks(array_agg(async.task('select 0', 'SELF'))) from generate_series(1, $1)`, b.f.tasks); err != nil {
+	if err := b.push(ctx, b.f.tasks, "select 0"); err != nil {
 		return err
-	}
-	pool, err := b.benchPool(ctx)
-	if err != nil {
-		return fmt.Errorf("limit_plain_node: %w", err)
 	}
 	sessions := executor.DefaultShortConns
 	conns := make([]*pgx.Conn, 0, sessions)
@@ -96,7 +82,7 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 		defer close(work)
 		for rctx.Err() == nil {
 			var ids []int64
-			if err := b.db.QueryRow(rctx, plainClaim, plainBatch, pool).Scan(&ids); err != nil {
+			if err := b.db.QueryRow(rctx, plainClaim, plainBatch).Scan(&ids); err != nil {
 				cancel(fmt.Errorf("limit_plain_node: claim: %w", err))
 				return
 			}
@@ -146,7 +132,7 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 
 	// Finish until the claimer and every runner have ended and done is empty.
 	finished := 0
-	err = func() error {
+	err := func() error {
 		for {
 			var ids []int64
 			select {
@@ -170,8 +156,7 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 					break drain
 				}
 			}
-			if _, err := b.db.Exec(rctx, `update async.task set processed = clock_timestamp(), finish_status = 'FINISHED', failed = false
-				where task_id = any($1)`, ids); err != nil {
+			if _, err := b.db.Exec(rctx, plainFinish, ids); err != nil {
 				return fmt.Errorf("limit_plain_node: finish: %w", err)
 			}
 			finished += len(ids)
