@@ -128,6 +128,32 @@ func TestClaimGlobalLimitAndTimeouts(t *testing.T) {
 	require.Empty(t, cl, "no slots, no claim")
 }
 
+// Each claimed task gets its own target's default time-out, whatever the
+// other tasks in the same claim (the claim joins the targets once).
+func TestClaimTimeoutPerTarget(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	exec(t, c, `SELECT async.configure('{"targets": [
+	    {"target": "SELF", "max_concurrency": 50, "default_timeout": "10 minutes"},
+	    {"target": "t2", "max_concurrency": 50, "default_timeout": "2 minutes"},
+	    {"target": "t3", "max_concurrency": 50}]}')`)
+	takeLead(t, s, 1)
+	want := map[int64]time.Duration{}
+	for i := range 12 {
+		target, timeout := []string{"SELF", "t2", "t3"}[i%3], []time.Duration{10 * time.Minute, 2 * time.Minute, time.Hour}[i%3]
+		for _, id := range queryIDs(t, c, `SELECT async.push_tasks(array[async.task('select 1', $1)])`, target) {
+			want[id] = timeout
+		}
+	}
+	now := time.Now()
+	cl, err := s.ClaimTasks(ctxT(t), pgstore.ClaimRequest{Term: 1, Slots: slots(20), Now: now})
+	require.NoError(t, err)
+	require.Len(t, cl, len(want))
+	for _, x := range cl {
+		require.WithinDuration(t, now.Add(want[x.TaskID]), x.Deadline, time.Millisecond, "task %d on %s", x.TaskID, x.Target)
+	}
+}
+
 // D6: limit changes apply at the next claim.
 func TestClaimLimitChangeAppliesAtOnce(t *testing.T) {
 	t.Parallel()

@@ -46,10 +46,10 @@ room AS (
     LEFT JOIN async.concurrency_pool cp ON cp.concurrency_pool = p.pool
     LEFT JOIN unnest($3::text[], $4::int[]) AS r(pool, running) ON r.pool = p.pool),
 cand AS (
-  SELECT c.task_id, c.priority, c.entered, c.external
+  SELECT c.task_id, c.priority, c.entered, c.external, c.target
     FROM room
    CROSS JOIN LATERAL (
-     SELECT t.task_id, t.priority, t.entered, t.query IS NULL AS external
+     SELECT t.task_id, t.priority, t.entered, t.query IS NULL AS external, t.target
        FROM async.task t
       WHERE t.concurrency_pool = room.pool
         AND (t.priority, t.entered, t.task_id) >= (room.priority, room.entered, room.task_id)
@@ -60,12 +60,12 @@ cand AS (
       LIMIT greatest(room.n, 0)
         FOR UPDATE OF t SKIP LOCKED) c),
 picked AS (
-  SELECT cand.task_id, cand.priority, cand.entered, cand.external
+  SELECT cand.task_id, cand.priority, cand.entered, cand.external, cand.target
     FROM cand
    ORDER BY cand.priority, cand.entered, cand.task_id
    LIMIT cardinality($2::text[])),
 numbered AS (
-  SELECT picked.task_id, picked.external,
+  SELECT picked.task_id, picked.external, picked.target,
          row_number() OVER (PARTITION BY picked.external
                             ORDER BY picked.priority, picked.entered, picked.task_id) AS qpos
     FROM picked),
@@ -73,22 +73,28 @@ numbered AS (
 -- "numbered": a generic plan guesses thousands of rows for that join and
 -- hashes a sequential scan of the whole task table (history included);
 -- unnest() is guessed small, so every id is one task_pkey lookup.
+-- Each task's target default time-out is joined here, once per claim (a
+-- hash of async.target), not looked up by a subquery per updated row: that
+-- subquery scanned the target table once per claimed task, every dead row
+-- version of it included (a tiny table is vacuumed only after 50 dead
+-- versions), and cost 2.5 to 4 us of backend CPU per claimed task with no
+-- dead version, 7.5 to 9 us with 36 (docs/performance.md).
 ids AS (
   SELECT array_agg(n.task_id ORDER BY n.task_id) AS task_ids,
          array_agg(CASE WHEN n.external THEN NULL ELSE ($2::text[])[n.qpos::int] END ORDER BY n.task_id) AS nodes,
-         array_agg(n.external ORDER BY n.task_id) AS externals
-    FROM numbered n),
+         array_agg(n.external ORDER BY n.task_id) AS externals,
+         array_agg(tg.default_timeout ORDER BY n.task_id) AS timeouts
+    FROM numbered n
+    LEFT JOIN async.target tg ON tg.target = n.target),
 upd AS (
   UPDATE async.task t SET
     attempt = t.attempt + 1,
     consumed = $1::timestamptz,
     started = NULL,
-    times_up = $1::timestamptz + coalesce(t.manual_timeout,
-                                          (SELECT tg.default_timeout FROM async.target tg WHERE tg.target = t.target),
-                                          (SELECT ctl.default_timeout FROM ctl)),
+    times_up = $1::timestamptz + coalesce(t.manual_timeout, n.target_timeout, (SELECT ctl.default_timeout FROM ctl)),
     node = n.node,
     tracked = true
-    FROM ids CROSS JOIN LATERAL unnest(ids.task_ids, ids.nodes, ids.externals) AS n(task_id, node, external)
+    FROM ids CROSS JOIN LATERAL unnest(ids.task_ids, ids.nodes, ids.externals, ids.timeouts) AS n(task_id, node, external, target_timeout)
    WHERE t.task_id = n.task_id
   RETURNING t.task_id, t.attempt, t.node, t.concurrency_pool, t.target, t.times_up, n.external,
             t.priority, t.entered)
