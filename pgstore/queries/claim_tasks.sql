@@ -73,12 +73,13 @@ numbered AS (
 -- "numbered": a generic plan guesses thousands of rows for that join and
 -- hashes a sequential scan of the whole task table (history included);
 -- unnest() is guessed small, so every id is one task_pkey lookup.
--- Each task's target default time-out is joined here, once per claim (a
--- hash of async.target), not looked up by a subquery per updated row: that
--- subquery scanned the target table once per claimed task, every dead row
--- version of it included (a tiny table is vacuumed only after 50 dead
--- versions), and cost 2.5 to 4 us of backend CPU per claimed task with no
--- dead version, 7.5 to 9 us with 36 (docs/performance.md).
+-- Each task's target default time-out is joined here (in the plans seen, a
+-- hash of async.target built once per claim), not looked up by a subquery
+-- per updated row: that subquery scanned the target table once per claimed
+-- task, every dead row version of it included (a tiny table is vacuumed
+-- only after 50 dead versions), and cost 2.5 to 4 us of backend CPU per
+-- claimed task with no dead version, 7.5 to 9 us with 36
+-- (docs/performance.md).
 ids AS (
   SELECT array_agg(n.task_id ORDER BY n.task_id) AS task_ids,
          array_agg(CASE WHEN n.external THEN NULL ELSE ($2::text[])[n.qpos::int] END ORDER BY n.task_id) AS nodes,
