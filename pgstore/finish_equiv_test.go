@@ -20,15 +20,14 @@ func TestFinishMatchesItsReference(t *testing.T) {
 	t.Parallel()
 	_, _, c := newDB(t)
 	ctx := ctxT(t)
-	current, err := os.ReadFile("queries/finish_tasks.sql")
-	require.NoError(t, err)
+	current := querySQL(t, "finish_tasks")
 	reference, err := os.ReadFile("testdata/finish_tasks_reference.sql")
 	require.NoError(t, err)
 	id := push(t, c, "SELF", 1, "select 1")[0]
 
 	// run sets the task up, runs one statement for one outcome and returns
 	// what it returned and the whole row after it, then rolls back.
-	run := func(stmt []byte, setup string, node string, attempt int32, status string) (string, error) {
+	run := func(stmt string, setup string, node string, attempt int32, status string) (string, error) {
 		tx, err := c.Begin(ctx)
 		if err != nil {
 			return "", err
@@ -38,7 +37,7 @@ func TestFinishMatchesItsReference(t *testing.T) {
 			return "", fmt.Errorf("setup: %w", err)
 		}
 		at := time.Date(2026, 12, 5, 12, 0, 0, 0, time.UTC)
-		rows, err := tx.Query(ctx, string(stmt), node, []int64{id}, []int32{attempt}, []string{status}, []*string{ptr("the error")}, []time.Time{at})
+		rows, err := tx.Query(ctx, stmt, node, []int64{id}, []int32{attempt}, []string{status}, []*string{ptr("the error")}, []time.Time{at})
 		if err != nil {
 			return "", err
 		}
@@ -83,7 +82,7 @@ func TestFinishMatchesItsReference(t *testing.T) {
 								case "wrong attempt":
 									attempt = 1
 								}
-								want, err := run(reference, setup, node, attempt, status)
+								want, err := run(string(reference), setup, node, attempt, status)
 								require.NoError(t, err)
 								got, err := run(current, setup, node, attempt, status)
 								require.NoError(t, err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -242,7 +243,7 @@ func explainClaim(t *testing.T, q querier, options string, n int) string {
 	if options != "" {
 		explain += "(" + options + ") "
 	}
-	return strings.Join(queryStrings(t, q, explain+claimSQL(t), time.Now(), slots(n), []string{}, []int32{}, []int64{}), "\n")
+	return strings.Join(queryStrings(t, q, explain+querySQL(t, "claim_tasks"), time.Now(), slots(n), []string{}, []int32{}, []int64{}), "\n")
 }
 
 // refsByNode groups claimed attempts by the node they were given to, as the
@@ -270,4 +271,13 @@ func finish(t testing.TB, s *pgstore.Store, node string, r pgstore.Ref, status p
 	require.NoError(t, err)
 	require.Len(t, f, 1)
 	return f[0]
+}
+
+// querySQL is the statement queries/<name>.sql as the store runs it (the
+// embedded file).
+func querySQL(t testing.TB, name string) string {
+	t.Helper()
+	b, err := os.ReadFile("queries/" + name + ".sql")
+	require.NoError(t, err)
+	return strings.TrimSpace(string(b))
 }

@@ -1,8 +1,8 @@
 package pgstore_test
 
 import (
+	"context"
 	"fmt"
-	"os"
 	"regexp"
 	"strings"
 	"testing"
@@ -84,9 +84,7 @@ var idLookups = []struct{ name, params, args string }{
 // genericPlan prepares queries/<name>.sql and explains its generic plan.
 func genericPlan(t *testing.T, c *pgx.Conn, name, params, args string) string {
 	t.Helper()
-	b, err := os.ReadFile("queries/" + name + ".sql")
-	require.NoError(t, err)
-	exec(t, c, fmt.Sprintf("PREPARE %s (%s) AS %s", name, params, strings.TrimSpace(string(b))))
+	exec(t, c, fmt.Sprintf("PREPARE %s (%s) AS %s", name, params, querySQL(t, name)))
 	return strings.Join(queryStrings(t, c, fmt.Sprintf("EXPLAIN EXECUTE %s(%s)", name, args)), "\n")
 }
 
@@ -148,22 +146,18 @@ func TestLookupsUseIndexPlansWhateverTheStatistics(t *testing.T) {
 
 	// The lookup pool's sessions, as they are: generic plans from the first
 	// call, each id looked up in task_pkey.
+	// Taken out of the pool at once: its prepared statements are the test's,
+	// and the store's Close must not wait for it if an assertion fails.
 	pc, err := s.LookupsPool().Acquire(ctx)
 	require.NoError(t, err)
-	hijacked := false
-	defer func() {
-		if !hijacked {
-			pc.Release() // else the store's Close waits for it
-		}
-	}()
+	lc := pc.Hijack()
+	defer func() { _ = lc.Close(context.WithoutCancel(ctx)) }()
 	for _, q := range idLookups {
-		plan := genericPlan(t, pc.Conn(), q.name, q.params, q.args)
+		plan := genericPlan(t, lc, q.name, q.params, q.args)
 		assertLooksUpIDs(t, q.name, plan)
 		assert.NotContains(t, plan, "Seq Scan on task", "%s:\n%s", q.name, plan)
 		assert.NotContains(t, plan, "Hash Join", "%s:\n%s", q.name, plan)
 	}
-	hijacked = true
-	require.NoError(t, pc.Hijack().Close(ctx)) // its prepared statements are the test's
 
 	// The store runs them there.
 	refs := make([]pgstore.Ref, 100)

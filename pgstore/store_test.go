@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"os"
-	"strings"
 	"testing"
 	"time"
 
@@ -138,11 +136,15 @@ func TestClaimTimeoutPerTarget(t *testing.T) {
 	    {"target": "t2", "max_concurrency": 50, "default_timeout": "2 minutes"},
 	    {"target": "t3", "max_concurrency": 50}]}')`)
 	takeLead(t, s, 1)
+	targets := []struct {
+		name    string
+		timeout time.Duration // its default_timeout, else control's (1 hour)
+	}{{"SELF", 10 * time.Minute}, {"t2", 2 * time.Minute}, {"t3", time.Hour}}
 	want := map[int64]time.Duration{}
-	for i := range 12 {
-		target, timeout := []string{"SELF", "t2", "t3"}[i%3], []time.Duration{10 * time.Minute, 2 * time.Minute, time.Hour}[i%3]
-		for _, id := range queryIDs(t, c, `SELECT async.push_tasks(array[async.task('select 1', $1)])`, target) {
-			want[id] = timeout
+	for i := range 12 { // interleaved, so one claim mixes the three
+		tg := targets[i%len(targets)]
+		for _, id := range queryIDs(t, c, `SELECT async.push_tasks(array[async.task('select 1', $1)])`, tg.name) {
+			want[id] = tg.timeout
 		}
 	}
 	now := time.Now()
@@ -792,14 +794,6 @@ func TestListen(t *testing.T) {
 	case <-time.After(wait):
 		t.Fatal("Listen did not return")
 	}
-}
-
-// claimSQL is the claim statement as the store runs it (the embedded file).
-func claimSQL(t *testing.T) string {
-	t.Helper()
-	b, err := os.ReadFile("queries/claim_tasks.sql")
-	require.NoError(t, err)
-	return strings.TrimSpace(string(b))
 }
 
 // A node that gives up attempts it had to stop (StatusLost) re-queues the
