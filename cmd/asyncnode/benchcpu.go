@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -106,7 +107,7 @@ func serverTicks(postmaster int) (int64, error) {
 			continue
 		}
 		t, err := readProcTimes(pid)
-		if errors.Is(err, os.ErrNotExist) {
+		if processGone(err) {
 			continue // ended meanwhile: the postmaster's children time has it, or will
 		}
 		if err != nil {
@@ -117,6 +118,13 @@ func serverTicks(postmaster int) (int64, error) {
 		}
 	}
 	return total, nil
+}
+
+// processGone reports whether err, from reading /proc/<pid>/stat, says
+// the process ended while /proc was being read: its directory is gone
+// (ENOENT), or it is still listed but reading it fails with ESRCH.
+func processGone(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH)
 }
 
 // perTask renders the CPU used between two samples as microseconds per

@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"io/fs"
+	"math"
 	"os"
 	"os/exec"
+	"syscall"
 	"testing"
 	"time"
 
@@ -63,6 +66,20 @@ func TestServerTicksCountsChildrenLiveAndReaped(t *testing.T) {
 	require.NoError(t, err)
 	require.GreaterOrEqual(t, after.children, burnt, "the reaped child's CPU moved to this process's children time")
 	require.GreaterOrEqual(t, reaped, live, "reaping a child does not lose its CPU")
+}
+
+// A process that ends between the listing of /proc and the read of its
+// stat file is skipped, whichever of the two errors the read gives; any
+// other error is not.
+func TestProcessGone(t *testing.T) {
+	for _, errno := range []syscall.Errno{syscall.ENOENT, syscall.ESRCH} {
+		err := &fs.PathError{Op: "read", Path: "/proc/1/stat", Err: errno}
+		require.True(t, processGone(err), "%v", err)
+	}
+	require.False(t, processGone(&fs.PathError{Op: "open", Path: "/proc/1/stat", Err: syscall.EACCES}))
+	require.False(t, processGone(nil))
+	_, err := readProcTimes(math.MaxInt32)
+	require.True(t, processGone(err), "a pid that does not exist: %v", err)
 }
 
 func TestCPUPerTask(t *testing.T) {
