@@ -27,11 +27,19 @@ func echoServer(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-func roundTrip(c net.Conn, msg string) (string, error) {
+// Read deadlines of roundTrip: a reply that must come gets a wait long
+// enough for a loaded machine (it returns as soon as the reply is there);
+// one that must not come is given up on after a short wait.
+const (
+	replyWait   = 10 * time.Second
+	noReplyWait = 300 * time.Millisecond
+)
+
+func roundTrip(c net.Conn, msg string, wait time.Duration) (string, error) {
 	if _, err := c.Write([]byte(msg + "\n")); err != nil {
 		return "", err
 	}
-	_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	_ = c.SetReadDeadline(time.Now().Add(wait))
 	return bufio.NewReader(c).ReadString('\n')
 }
 
@@ -43,13 +51,13 @@ func TestForwardBlackholeHeal(t *testing.T) {
 	c, err := net.Dial("tcp", p.Addr().String())
 	require.NoError(t, err)
 	defer c.Close()
-	got, err := roundTrip(c, "hello")
+	got, err := roundTrip(c, "hello", replyWait)
 	require.NoError(t, err)
 	require.Equal(t, "hello\n", got)
 
 	p.Blackhole()
 	// An existing connection stays open but nothing comes back.
-	_, err = roundTrip(c, "lost")
+	_, err = roundTrip(c, "lost", noReplyWait)
 	var ne net.Error
 	require.ErrorAs(t, err, &ne)
 	require.True(t, ne.Timeout(), "want a read timeout, got %v", err)
@@ -57,7 +65,7 @@ func TestForwardBlackholeHeal(t *testing.T) {
 	c2, err := net.Dial("tcp", p.Addr().String())
 	require.NoError(t, err)
 	defer c2.Close()
-	_, err = roundTrip(c2, "lost too")
+	_, err = roundTrip(c2, "lost too", noReplyWait)
 	require.ErrorAs(t, err, &ne)
 	require.True(t, ne.Timeout())
 	require.Eventually(t, func() bool { return p.Held() >= 3 }, time.Second, 10*time.Millisecond)
@@ -70,7 +78,7 @@ func TestForwardBlackholeHeal(t *testing.T) {
 	c3, err := net.Dial("tcp", p.Addr().String())
 	require.NoError(t, err)
 	defer c3.Close()
-	got, err = roundTrip(c3, "back")
+	got, err = roundTrip(c3, "back", replyWait)
 	require.NoError(t, err)
 	require.Equal(t, "back\n", got)
 }
@@ -81,12 +89,12 @@ func TestPureBlackhole(t *testing.T) {
 	c, err := net.Dial("tcp", p.Addr().String())
 	require.NoError(t, err)
 	defer c.Close()
-	_, err = roundTrip(c, "anyone?")
+	_, err = roundTrip(c, "anyone?", noReplyWait)
 	var ne net.Error
 	require.ErrorAs(t, err, &ne)
 	require.True(t, ne.Timeout())
 	p.Heal() // no upstream: stays a black hole
-	_, err = roundTrip(c, "still?")
+	_, err = roundTrip(c, "still?", noReplyWait)
 	require.ErrorAs(t, err, &ne)
 	require.NoError(t, p.Close())
 	_, err = c.Read(make([]byte, 1))
