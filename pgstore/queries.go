@@ -32,6 +32,8 @@ var (
 	qResolveLost             = query("resolve_lost")
 	qTimeOutTasks            = query("time_out_tasks")
 	qPurgeHistoryBatch       = query("purge_history_batch")
+	qTaskStatistics          = query("task_statistics")
+	qAnalyzeTasks            = query("analyze_tasks")
 	qSetLastHeavyMaintenance = query("set_last_heavy_maintenance")
 	qLoadControl             = query("load_control")
 	qLoadPools               = query("load_pools")

@@ -33,6 +33,8 @@ type Store interface {
 	ResolveLost(ctx context.Context, term uint64, reason string, refs []pgstore.Ref, now time.Time) ([]pgstore.LostResult, error)
 	TimeOutTasks(ctx context.Context, term uint64, now time.Time) ([]pgstore.Ref, error)
 	PurgeHistory(ctx context.Context, term uint64, now time.Time) (int64, error)
+	TaskStatistics(ctx context.Context) (pgstore.TaskStatistics, error)
+	AnalyzeTasks(ctx context.Context) error
 }
 
 // Raft is what the scheduler needs from the consensus layer.
@@ -71,6 +73,10 @@ type Config struct {
 	ConfigRefresh time.Duration
 	// SweepEvery is the period of the finished/cancelled task sweep (default 1s).
 	SweepEvery time.Duration
+	// StatsEvery is how often the leader compares the planner's row
+	// estimate of the task table with the rows it holds, and analyses the
+	// table when the estimate is stale (default 1s; see keepStatistics).
+	StatsEvery time.Duration
 	// RevokeGrace is how long past its deadline an attempt may hold its slot
 	// before the leader revokes it (its node normally times it out itself).
 	RevokeGrace time.Duration
@@ -211,6 +217,9 @@ func New(cfg Config) (*Scheduler, error) {
 	}
 	if cfg.SweepEvery <= 0 {
 		cfg.SweepEvery = time.Second
+	}
+	if cfg.StatsEvery <= 0 {
+		cfg.StatsEvery = time.Second
 	}
 	if cfg.RevokeGrace <= 0 {
 		cfg.RevokeGrace = 5 * time.Second
@@ -441,6 +450,9 @@ func (s *Scheduler) loop(ctx context.Context, term uint64, lease *pgstore.Leader
 	s.accept(true)
 	defer s.accept(false)
 	defer s.background.Wait()
+	statsCtx, stopStats := context.WithCancel(ctx)
+	defer stopStats() // before the Wait above
+	s.background.Go(func() { s.keepStatistics(statsCtx) })
 	cfgAt := s.cfg.Now()
 	sweepT := time.NewTicker(s.cfg.SweepEvery)
 	defer sweepT.Stop()
@@ -1027,6 +1039,60 @@ func (s *Scheduler) reconcile(ctx context.Context, term uint64) error {
 	s.ended = nil
 	s.sweep(ctx, term, true)
 	return nil
+}
+
+// analyzeGap is the least time between two ANALYZEs of the task table by
+// keepStatistics.
+const analyzeGap = 10 * time.Second
+
+// keepStatistics analyses the task table, while this node leads, when the
+// planner expects far fewer rows than the table holds
+// (pgstore.TaskStatistics.Stale), at most once per analyzeGap. Such an
+// estimate, left by an ANALYZE or VACUUM of the emptied table, lasts until
+// autovacuum next analyses it, a minute or more after a burst of pushes;
+// the plans made meanwhile may read all of task_pkey for every task id a
+// statement looks up. It runs beside the dispatch loop: an ANALYZE samples
+// up to 30,000 rows and must not hold up claims.
+func (s *Scheduler) keepStatistics(ctx context.Context) {
+	tick := time.NewTicker(s.cfg.StatsEvery)
+	defer tick.Stop()
+	var last time.Time
+	warned := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		st, err := s.cfg.Store.TaskStatistics(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Debug("read task table statistics", "error", err)
+			}
+			continue
+		}
+		if !st.Stale() || (!last.IsZero() && time.Since(last) < analyzeGap) {
+			continue
+		}
+		if !st.MayAnalyze {
+			if !warned {
+				s.log.Warn("the planner expects far fewer tasks than async.task holds, and this role may not ANALYZE it "+
+					"(it must own the table or the database); plans stay poor until autovacuum analyses it",
+					"planner_rows", int64(st.PlannerRows), "live_rows", st.LiveRows)
+				warned = true
+			}
+			continue
+		}
+		last = time.Now()
+		if err := s.cfg.Store.AnalyzeTasks(ctx); err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn("analyze the task table", "error", err)
+			}
+			continue
+		}
+		s.log.Info("analysed async.task: the planner expected far fewer tasks than it holds",
+			"planner_rows", int64(st.PlannerRows), "live_rows", st.LiveRows, "took", time.Since(last).Round(time.Millisecond))
+	}
 }
 
 // maintain runs heavy maintenance (history purge) when due. It reports the

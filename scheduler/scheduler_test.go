@@ -2,10 +2,12 @@ package scheduler
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
 	"github.com/asyncnode/asyncnode/fsm"
@@ -793,4 +795,33 @@ func TestSweepRevokesAnEndedAttemptItsNodeDidNotRelease(t *testing.T) {
 	e.never("dispatch into a revoked but unreleased slot", func() bool { _, ok := e.fsm.Get(p[1]); return ok })
 	e.release(a)
 	e.waitAssigned(p[1], 1)
+}
+
+// The leader analyses the task table when the planner's estimate, left by
+// an ANALYZE of the emptied table, falls far below the tasks it holds
+// (autovacuum, off here, would only do so at a time of its own).
+func TestLeaderAnalysesAnEmptiedTaskTable(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.StatsEvery = 20 * time.Millisecond })
+	e.exec(`ALTER TABLE async.task SET (autovacuum_enabled = off)`)
+	e.push("SELF", 200, "select 1")
+	e.exec(`DELETE FROM async.task`)
+	e.exec(`ANALYZE async.task`)
+	reltuples := func() int64 {
+		return e.queryInt(`SELECT reltuples::bigint FROM pg_class WHERE oid = 'async.task'::regclass`)
+	}
+	require.Zero(t, reltuples())
+	// Pushed from a session that ends at once: its counts reach the
+	// cumulative statistics without waiting for it to go idle.
+	pusher, err := pgx.Connect(context.Background(), e.dsn)
+	require.NoError(t, err)
+	_, err = pusher.Exec(context.Background(), `SELECT async.push_tasks(array_agg(async.task('select 1', 'SELF')))
+	                                              FROM generate_series(1, 3000)`)
+	require.NoError(t, err)
+	require.NoError(t, pusher.Close(context.Background()))
+
+	e.start()
+	eventually(t, func() bool { return reltuples() >= 2700 },
+		func() string {
+			return fmt.Sprintf("pg_class.reltuples of async.task is %d, want about 3000", reltuples())
+		})
 }
