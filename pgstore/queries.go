@@ -34,6 +34,7 @@ var (
 	qPurgeHistoryBatch       = query("purge_history_batch")
 	qTaskStatistics          = query("task_statistics")
 	qAnalyzeTasks            = query("analyze_tasks")
+	qLastAnalyze             = query("last_analyze")
 	qSetLastHeavyMaintenance = query("set_last_heavy_maintenance")
 	qLoadControl             = query("load_control")
 	qLoadPools               = query("load_pools")

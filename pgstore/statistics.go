@@ -2,6 +2,7 @@ package pgstore
 
 import (
 	"context"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -24,34 +25,49 @@ const (
 // that vacuum could not truncate: the planner then takes the table's
 // density for zero rows per page and expects no rows however many are
 // pushed, until autovacuum next analyses it (a minute or more). Plans made
-// meanwhile may read every entry of task_pkey for each id a statement
-// looks up, as a claim did for 3 to 6 s per call (docs/performance.md,
-// "Plans on the statistics of an emptied table").
+// meanwhile read every READY task at each claim and sort them, or every
+// entry of task_pkey for each id a statement looks up (docs/performance.md,
+// "The leader analyses an emptied task table").
 type TaskStatistics struct {
 	// PlannerRows is the row count the planner works with; -1 when
 	// pg_class holds no pages for the table (the planner then assumes full
 	// pages, which overestimates).
 	PlannerRows float64
-	// LiveRows is n_live_tup of the cumulative statistics (it lags the
-	// sessions' writes by up to about ten seconds).
+	// LiveRows is n_live_tup of the cumulative statistics. It lags the
+	// sessions' writes by up to about ten seconds, and an ANALYZE that
+	// sampled the table before a burst of pushes committed sets it back to
+	// what it saw.
 	LiveRows int64
+	// ChangedRows counts the rows inserted, updated and deleted since the
+	// table was last analysed (n_mod_since_analyze).
+	ChangedRows int64
 	// MayAnalyze tells whether this session's role may ANALYZE the table
 	// (it owns the table or the database, or is a superuser).
 	MayAnalyze bool
 }
 
 // Stale reports whether the planner expects far fewer rows than the table
-// holds: fewer than a quarter of at least 1000 live rows.
+// holds: fewer than a quarter of at least 1000 live rows; or fewer than
+// 250 rows (a quarter of 1000) while at least 1000 rows changed since the
+// last ANALYZE, which also catches an ANALYZE that sampled the table just
+// before a burst of pushes committed (it sets LiveRows back, the claims'
+// updates then count as changes).
 func (t TaskStatistics) Stale() bool {
-	return t.PlannerRows >= 0 && t.LiveRows >= staleMinRows && t.PlannerRows*staleFactor < float64(t.LiveRows)
+	if t.PlannerRows < 0 {
+		return false
+	}
+	if t.LiveRows >= staleMinRows && t.PlannerRows*staleFactor < float64(t.LiveRows) {
+		return true
+	}
+	return t.PlannerRows*staleFactor < staleMinRows && t.ChangedRows >= staleMinRows
 }
 
-// TaskStatistics reads the planner's estimate and the live row count of
+// TaskStatistics reads the planner's estimate and the row counts of
 // async.task.
 func (s *Store) TaskStatistics(ctx context.Context) (TaskStatistics, error) {
 	var t TaskStatistics
 	var planner *float64
-	if err := s.pool.QueryRow(ctx, qTaskStatistics).Scan(&planner, &t.LiveRows, &t.MayAnalyze); err != nil {
+	if err := s.pool.QueryRow(ctx, qTaskStatistics).Scan(&planner, &t.LiveRows, &t.ChangedRows, &t.MayAnalyze); err != nil {
 		return TaskStatistics{}, s.wrap("read task table statistics", err)
 	}
 	t.PlannerRows = -1
@@ -62,12 +78,20 @@ func (s *Store) TaskStatistics(ctx context.Context) (TaskStatistics, error) {
 }
 
 // AnalyzeTasks runs ANALYZE on async.task, which also replaces the plans
-// sessions cached for it. It skips the table, without an error, while
-// another ANALYZE or a VACUUM holds it (autovacuum refreshes the estimate
-// then), and when the role may not analyse it (the server only warns).
-func (s *Store) AnalyzeTasks(ctx context.Context) error {
-	if _, err := s.pool.Exec(ctx, qAnalyzeTasks, pgx.QueryExecModeSimpleProtocol); err != nil {
-		return s.wrap("analyze the task table", err)
+// sessions cached for it, and reports whether it did: the server skips the
+// table, without an error, while another ANALYZE or a VACUUM holds it
+// (autovacuum refreshes the estimate then) and when the role may not
+// analyse it (it only warns).
+func (s *Store) AnalyzeTasks(ctx context.Context) (bool, error) {
+	var before, after *time.Time
+	if err := s.pool.QueryRow(ctx, qLastAnalyze).Scan(&before); err != nil {
+		return false, s.wrap("analyze the task table", err)
 	}
-	return nil
+	if _, err := s.pool.Exec(ctx, qAnalyzeTasks, pgx.QueryExecModeSimpleProtocol); err != nil {
+		return false, s.wrap("analyze the task table", err)
+	}
+	if err := s.pool.QueryRow(ctx, qLastAnalyze).Scan(&after); err != nil {
+		return false, s.wrap("analyze the task table", err)
+	}
+	return after != nil && (before == nil || after.After(*before)), nil
 }

@@ -53,7 +53,9 @@ func TestAnalyzeTasksRepairsAnEmptiedTablesEstimate(t *testing.T) {
 	require.Less(t, st.PlannerRows, float64(n)/4, "the planner expects the emptied table's density: %+v", st)
 	require.True(t, st.Stale(), "%+v", st)
 
-	require.NoError(t, s.AnalyzeTasks(ctxT(t)))
+	done, err := s.AnalyzeTasks(ctxT(t))
+	require.NoError(t, err)
+	require.True(t, done)
 	st, err = s.TaskStatistics(ctxT(t))
 	require.NoError(t, err)
 	require.InDelta(t, n, st.PlannerRows, n/10, "%+v", st)
@@ -77,7 +79,9 @@ func TestAnalyzeTasksWithoutOwnership(t *testing.T) {
 	require.NoError(t, err)
 	require.False(t, st.MayAnalyze, "%+v", st)
 	require.True(t, st.Stale(), "%+v", st)
-	require.NoError(t, other.AnalyzeTasks(ctxT(t)))
+	done, err := other.AnalyzeTasks(ctxT(t))
+	require.NoError(t, err)
+	require.False(t, done)
 	require.Zero(t, queryInt(t, c, `SELECT reltuples::bigint FROM pg_class WHERE oid = 'async.task'::regclass`),
 		"the table was not analysed")
 }
@@ -93,7 +97,50 @@ func TestTaskStatisticsStale(t *testing.T) {
 		{pgstore.TaskStatistics{PlannerRows: 250, LiveRows: 1000}, false},
 		{pgstore.TaskStatistics{PlannerRows: -1, LiveRows: 1000000}, false},
 		{pgstore.TaskStatistics{PlannerRows: 5000000, LiveRows: 1000}, false},
+		// An ANALYZE set LiveRows back; the claims' updates count as changes.
+		{pgstore.TaskStatistics{PlannerRows: 0, LiveRows: 0, ChangedRows: 1000}, true},
+		{pgstore.TaskStatistics{PlannerRows: 249, LiveRows: 0, ChangedRows: 1000}, true},
+		{pgstore.TaskStatistics{PlannerRows: 250, LiveRows: 0, ChangedRows: 1000000}, false},
+		{pgstore.TaskStatistics{PlannerRows: 0, LiveRows: 0, ChangedRows: 999}, false},
+		{pgstore.TaskStatistics{PlannerRows: -1, LiveRows: 0, ChangedRows: 1000000}, false},
 	} {
 		require.Equal(t, tc.stale, tc.st.Stale(), "%+v", tc.st)
 	}
+}
+
+// An ANALYZE that sampled the table before a burst committed sets n_live_tup
+// back (here: the table's counters reset); the rows the claims then update
+// count as changes, and the estimate is seen to be stale.
+func TestTaskStatisticsStaleOnChangesAlone(t *testing.T) {
+	dsn, s, c := newDB(t)
+	emptiedTaskTable(t, dsn, s, 3000)
+	exec(t, c, `SELECT pg_stat_reset_single_table_counters('async.task'::regclass)`)
+	updater := connect(t, dsn)
+	exec(t, updater, `UPDATE async.task SET priority = priority WHERE task_id IN (SELECT task_id FROM async.task LIMIT 1500)`)
+	require.NoError(t, updater.Close(context.Background()))
+	var st pgstore.TaskStatistics
+	waitFor(t, "the updates in n_mod_since_analyze", func() bool {
+		var err error
+		st, err = s.TaskStatistics(ctxT(t))
+		require.NoError(t, err)
+		return st.ChangedRows >= 1500
+	})
+	require.Zero(t, st.LiveRows, "%+v", st)
+	require.True(t, st.Stale(), "%+v", st)
+}
+
+// While another session holds the table's ShareUpdateExclusiveLock (as
+// autovacuum does), the ANALYZE skips it at once and says so.
+func TestAnalyzeTasksSkipsALockedTable(t *testing.T) {
+	dsn, s, _ := newDB(t)
+	locker := connect(t, dsn)
+	exec(t, locker, `BEGIN`)
+	exec(t, locker, `LOCK TABLE async.task IN SHARE UPDATE EXCLUSIVE MODE`)
+	done, err := s.AnalyzeTasks(ctxT(t))
+	require.NoError(t, err)
+	require.False(t, done, "analysed a table another session holds")
+	exec(t, locker, `ROLLBACK`)
+	done, err = s.AnalyzeTasks(ctxT(t))
+	require.NoError(t, err)
+	require.True(t, done)
 }

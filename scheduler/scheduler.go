@@ -34,7 +34,7 @@ type Store interface {
 	TimeOutTasks(ctx context.Context, term uint64, now time.Time) ([]pgstore.Ref, error)
 	PurgeHistory(ctx context.Context, term uint64, now time.Time) (int64, error)
 	TaskStatistics(ctx context.Context) (pgstore.TaskStatistics, error)
-	AnalyzeTasks(ctx context.Context) error
+	AnalyzeTasks(ctx context.Context) (bool, error)
 }
 
 // Raft is what the scheduler needs from the consensus layer.
@@ -1041,22 +1041,27 @@ func (s *Scheduler) reconcile(ctx context.Context, term uint64) error {
 	return nil
 }
 
-// analyzeGap is the least time between two ANALYZEs of the task table by
-// keepStatistics.
-const analyzeGap = 10 * time.Second
+// analyzeShare bounds keepStatistics' ANALYZEs to about a tenth of one
+// server session's time: after an ANALYZE that took d, the next waits 9d.
+// An ANALYZE that failed is not tried again for errorPause.
+const (
+	analyzeShare = 10
+	errorPause   = 10 * time.Second
+)
 
 // keepStatistics analyses the task table, while this node leads, when the
 // planner expects far fewer rows than the table holds
-// (pgstore.TaskStatistics.Stale), at most once per analyzeGap. Such an
-// estimate, left by an ANALYZE or VACUUM of the emptied table, lasts until
-// autovacuum next analyses it, a minute or more after a burst of pushes;
-// the plans made meanwhile may read all of task_pkey for every task id a
+// (pgstore.TaskStatistics.Stale). Such an estimate, left by an ANALYZE or
+// VACUUM of the emptied table, lasts until autovacuum next analyses it, a
+// minute or more after a burst of pushes; the plans made meanwhile read
+// every READY task at each claim, or all of task_pkey for every task id a
 // statement looks up. It runs beside the dispatch loop: an ANALYZE samples
-// up to 30,000 rows and must not hold up claims.
+// up to 30,000 rows and must not hold up claims. An ANALYZE the server
+// skipped (autovacuum holds the table) is tried again on the next tick.
 func (s *Scheduler) keepStatistics(ctx context.Context) {
 	tick := time.NewTicker(s.cfg.StatsEvery)
 	defer tick.Stop()
-	var last time.Time
+	var next time.Time // no ANALYZE before
 	warned := false
 	for {
 		select {
@@ -1071,27 +1076,35 @@ func (s *Scheduler) keepStatistics(ctx context.Context) {
 			}
 			continue
 		}
-		if !st.Stale() || (!last.IsZero() && time.Since(last) < analyzeGap) {
+		if !st.Stale() || time.Now().Before(next) {
 			continue
 		}
 		if !st.MayAnalyze {
 			if !warned {
 				s.log.Warn("the planner expects far fewer tasks than async.task holds, and this role may not ANALYZE it "+
 					"(it must own the table or the database); plans stay poor until autovacuum analyses it",
-					"planner_rows", int64(st.PlannerRows), "live_rows", st.LiveRows)
+					"planner_rows", int64(st.PlannerRows), "live_rows", st.LiveRows, "changed_rows", st.ChangedRows)
 				warned = true
 			}
 			continue
 		}
-		last = time.Now()
-		if err := s.cfg.Store.AnalyzeTasks(ctx); err != nil {
+		began := time.Now()
+		done, err := s.cfg.Store.AnalyzeTasks(ctx)
+		switch {
+		case err != nil:
+			next = time.Now().Add(errorPause)
 			if ctx.Err() == nil {
 				s.log.Warn("analyze the task table", "error", err)
 			}
-			continue
+		case !done:
+			s.log.Debug("ANALYZE skipped async.task (another ANALYZE or a VACUUM holds it); trying again")
+		default:
+			took := time.Since(began)
+			next = began.Add(analyzeShare * took)
+			s.log.Info("analysed async.task: the planner expected far fewer tasks than it holds",
+				"planner_rows", int64(st.PlannerRows), "live_rows", st.LiveRows, "changed_rows", st.ChangedRows,
+				"took", took.Round(time.Millisecond))
 		}
-		s.log.Info("analysed async.task: the planner expected far fewer tasks than it holds",
-			"planner_rows", int64(st.PlannerRows), "live_rows", st.LiveRows, "took", time.Since(last).Round(time.Millisecond))
 	}
 }
 
