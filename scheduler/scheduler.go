@@ -119,7 +119,8 @@ type Scheduler struct {
 	accepting bool
 	releases  []*releaseReq
 
-	// background tracks release commits the loop does not wait for.
+	// background tracks what runs beside the loop while it leads: release
+	// commits the loop does not wait for, and keepStatistics.
 	background sync.WaitGroup
 
 	// ended holds the attempts the last periodic sweep found ended in the
