@@ -2,6 +2,7 @@ package pgstore_test
 
 import (
 	"context"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -143,4 +144,27 @@ func TestAnalyzeTasksSkipsALockedTable(t *testing.T) {
 	done, err = s.AnalyzeTasks(ctxT(t))
 	require.NoError(t, err)
 	require.True(t, done)
+}
+
+// What the leader's ANALYZE is for: on the statistics of an emptied table
+// the claim, planned for its parameters as the store plans it, finds the
+// rows it updates by reading all of task_pkey and comparing each entry with
+// every claimed id; once the table is analysed, it looks each id up.
+func TestAnalyzeTasksGivesTheClaimItsLookups(t *testing.T) {
+	dsn, s, c := newDB(t)
+	emptiedTaskTable(t, dsn, s, 3000)
+	// Planned for its parameters at each EXPLAIN, with the statistics of
+	// the moment.
+	exec(t, c, `SET plan_cache_mode = force_custom_plan`)
+	const args = "now(), array_fill('n1'::text, array[200]), '{}'::text[], '{}'::int[], '{}'::bigint[]"
+	before := genericPlan(t, c, "claim_tasks", "timestamptz, text[], text[], int[], bigint[]", args)
+	_, unconditioned := taskPKeyScans(before)
+	require.NotZero(t, unconditioned,
+		"the emptied table's statistics no longer lead the claim to read all of task_pkey:\n%s", before)
+
+	done, err := s.AnalyzeTasks(ctxT(t))
+	require.NoError(t, err)
+	require.True(t, done)
+	after := strings.Join(queryStrings(t, c, "EXPLAIN EXECUTE claim_tasks("+args+")"), "\n")
+	assertLooksUpIDs(t, "claim_tasks after ANALYZE", after)
 }
