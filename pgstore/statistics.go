@@ -81,7 +81,10 @@ func (s *Store) TaskStatistics(ctx context.Context) (TaskStatistics, error) {
 // sessions cached for it, and reports whether it did: the server skips the
 // table, without an error, while another ANALYZE or a VACUUM holds it
 // (autovacuum refreshes the estimate then) and when the role may not
-// analyse it (it only warns).
+// analyse it (it only warns). Three round trips, not one batch: a session
+// reads the cumulative statistics once per transaction
+// (stats_fetch_consistency = cache), so a last-analyse time read after the
+// ANALYZE in the same transaction would be the one read before it.
 func (s *Store) AnalyzeTasks(ctx context.Context) (bool, error) {
 	var before, after *time.Time
 	if err := s.pool.QueryRow(ctx, qLastAnalyze).Scan(&before); err != nil {
