@@ -21,20 +21,19 @@
 //     backoff while the executor runs: an outcome is never dropped.
 //
 // Query text (decisions D16 and D17 of docs/pgasync-semantics.md): every
-// `##flow.TASK_ID##` is replaced by the task id. A lone CALL or VACUUM
-// statement is sent as it is with the simple query protocol (so a procedure
-// may COMMIT), and the session reset is sent after it. Any other text is sent
-// with the simple query protocol as one implicit transaction, followed in the
-// same message by the session reset, so several statements are allowed,
-// results are discarded and a failing statement rolls back the whole text.
-// The session reset (RESET SESSION AUTHORIZATION, RESET ALL, DISCARD TEMP,
-// DISCARD SEQUENCES, CLOSE ALL, UNLISTEN *, DEALLOCATE ALL,
-// pg_advisory_unlock_all()) makes sure no session state (settings,
-// search_path, role, temporary tables, cursors, listens, prepared statements,
-// advisory locks) reaches the next task on that connection. A connection that
-// saw an error, or that a task left inside a transaction block, is never
-// returned to the pool: it is closed (a task leaving a transaction open is
-// FAILED "task left a transaction open; rolled back").
+// `##flow.TASK_ID##` is replaced by the task id, and the text is sent with the
+// simple query protocol, followed in the same write by the session reset
+// (DISCARD ALL) as a second query (RunWithReset). Several statements run as
+// one implicit transaction, so results are discarded and a failing statement
+// rolls back the whole text; a text of one statement runs outside any
+// transaction block, so a procedure may COMMIT and VACUUM or CREATE INDEX
+// CONCURRENTLY work. The reset (role, settings, search_path, temporary
+// tables, cursors, listens, prepared statements, advisory locks, sequences'
+// session state) runs whatever the text did, so nothing reaches the next task
+// on that connection. A connection that saw an error, or that a task left
+// inside a transaction block (where the reset cannot run), is never returned
+// to the pool: it is closed (a task leaving a transaction open is FAILED
+// "task left a transaction open; rolled back").
 //
 // Timeouts (D10): at the deadline the query is cancelled with a cancel
 // request; if the backend is still busy Config.TerminateAfter later it is

@@ -520,6 +520,8 @@ func TestSessionStateDoesNotLeak(t *testing.T) {
 		 CREATE TEMP TABLE tt2(a int)`,
 		`insert into pids values (pg_backend_pid()); select set_config('search_path', 'x', false);
 		 DECLARE c CURSOR WITH HOLD FOR SELECT 1`,
+		// One statement runs outside a transaction block; the reset follows it all the same.
+		`select set_config('search_path', 'x', false), set_config('statement_timeout', '7min', false), pg_advisory_lock(43)`,
 	} {
 		requireFinished(t, h.run(task{query: dirty}))
 		o := h.run(task{query: `insert into public.obs select pg_backend_pid(), current_setting('search_path'), current_user,
@@ -530,7 +532,7 @@ func TestSessionStateDoesNotLeak(t *testing.T) {
 	}
 	// Every observation equals the first (defaults), on the very same backend.
 	require.Equal(t, int64(1), sqlInt(t, h.dsn, `select count(distinct (pid, search_path, usr, temps, prepared, listens, timeout, locks)) from obs`))
-	require.Equal(t, int64(4), sqlInt(t, h.dsn, `select count(*) from obs where search_path = '"$user", public' and usr = 'postgres'
+	require.Equal(t, int64(5), sqlInt(t, h.dsn, `select count(*) from obs where search_path = '"$user", public' and usr = 'postgres'
 		and temps = 0 and prepared = 0 and listens = 0 and timeout = '0' and locks = 0`))
 	require.Equal(t, int64(1), sqlInt(t, h.dsn, `select count(distinct pid) from (select pid from obs union all select pid from pids) s`))
 }
@@ -550,6 +552,38 @@ func TestOpenTransactionFailsAndConnectionIsNotReused(t *testing.T) {
 	require.Eventually(t, func() bool {
 		return sqlInt(t, h.dsn, `select count(*) from pg_stat_activity where pid = $1`, first) == 0
 	}, 10*time.Second, 20*time.Millisecond, "the dirty backend must be closed")
+}
+
+// A text of one statement runs outside a transaction block (as pgx's Exec
+// sends it), so statements that refuse one work; in a longer text they do
+// not. The session reset, a query of its own, follows either.
+func TestLoneStatementRunsOutsideATransactionBlock(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.MaxConnsPerTarget = 1 })
+	sqlExec(t, h.dsn, `CREATE TABLE t(a int)`)
+	requireFinished(t, h.run(task{query: `CREATE INDEX CONCURRENTLY t_a ON t (a)`}))
+	require.Equal(t, int64(1), sqlInt(t, h.dsn, `select count(*) from pg_indexes where indexname = 't_a'`))
+
+	o := h.run(task{query: `CREATE INDEX CONCURRENTLY t_a2 ON t (a); select 1`})
+	require.Equal(t, pgstore.StatusFailed, o.Status)
+	require.Contains(t, errText(o), "CREATE INDEX CONCURRENTLY cannot run inside a transaction block")
+
+	// A lone BEGIN leaves a transaction open: the reset cannot run in it.
+	o = h.run(task{query: `BEGIN`})
+	require.Equal(t, pgstore.StatusFailed, o.Status)
+	require.Equal(t, OpenTransactionError, errText(o))
+}
+
+// COPY FROM STDIN waits for data no task sends: the reset query written
+// after the text reaches the server in its place, and the server ends the
+// session, so the task fails at once instead of waiting until its time-out.
+func TestCopyFromStdinFails(t *testing.T) {
+	h := newHarness(t, nil)
+	sqlExec(t, h.dsn, `CREATE TABLE t(a int)`)
+	o := h.run(task{query: `COPY t FROM STDIN`, timeout: 10 * time.Minute})
+	require.Equal(t, pgstore.StatusFailed, o.Status)
+	require.Equal(t, "FATAL:  terminating connection because protocol synchronization was lost", errText(o))
+	requireFinished(t, h.run(task{query: `insert into t values (1)`}))
+	require.Equal(t, int64(1), sqlInt(t, h.dsn, `select count(*) from t`))
 }
 
 func TestFailedTaskConnectionIsNotReused(t *testing.T) {

@@ -219,10 +219,10 @@ func (e *Executor) acquire(ctx context.Context, t *target, log *attemptLog) (*pg
 	}
 }
 
-// execute sends the task text (and, for a lone CALL or VACUUM, the session
-// reset after it). When ctx ends meanwhile, pgx sends a cancel request; if
+// execute sends the task text and the session reset after it
+// (RunWithReset). When ctx ends meanwhile, pgx sends a cancel request; if
 // the backend is still busy TerminateAfter later, it is terminated.
-func (e *Executor) execute(ctx context.Context, t *target, conn *pgxpool.Conn, q prepared, log *attemptLog) (execErr, resetErr error) {
+func (e *Executor) execute(ctx context.Context, t *target, conn *pgxpool.Conn, q string, log *attemptLog) (execErr, resetErr error) {
 	pc := conn.Conn().PgConn()
 	pid := pc.PID()
 	execDone := make(chan struct{})
@@ -247,10 +247,7 @@ func (e *Executor) execute(ctx context.Context, t *target, conn *pgxpool.Conn, q
 			log.Debug("backend already gone or idle", "pid", pid)
 		}
 	})
-	execErr = pc.Exec(ctx, q.sql).Close()
-	if execErr == nil && q.separateReset && pc.TxStatus() == 'I' {
-		resetErr = pc.Exec(ctx, SessionReset).Close()
-	}
+	execErr, resetErr = RunWithReset(ctx, pc, q)
 	close(execDone)
 	if !stopWatchdog() {
 		<-watchdogDone

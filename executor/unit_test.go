@@ -12,51 +12,10 @@ import (
 	"github.com/asyncnode/asyncnode/pgstore"
 )
 
-func TestLeadingKeyword(t *testing.T) {
-	cases := []struct {
-		text   string
-		kw     string
-		single bool
-	}{
-		{"CALL p()", "CALL", true},
-		{"  call p();  ", "CALL", true},
-		{"call p();;\n -- done\n", "CALL", true},
-		{"/* a /* nested */ comment */ -- line\n\tVaCuUm ANALYZE t", "VACUUM", true},
-		{"vacuum;", "VACUUM", true},
-		{"vacuum(verbose) t", "VACUUM", true},
-		{"callx()", "CALLX", true},
-		{"call p(); select 1", "CALL", false},
-		{"call p('a;b')", "CALL", true},
-		{"call p('it''s;')", "CALL", true},
-		{`call p(E'\';x')`, "CALL", true},
-		{`call "we;ird"()`, "CALL", true},
-		{"call p($$;$$)", "CALL", true},
-		{"call p($tag$ $$; $tag$)", "CALL", true},
-		{"call p(/* ; */ 1) -- ; trailing", "CALL", true},
-		{"call p($1)", "CALL", true},
-		{"select 1; select 2", "SELECT", false},
-		{"select 1;\n/* c */ ;", "SELECT", true},
-		{"", "", true},
-		{"-- only a comment", "", true},
-	}
-	for _, c := range cases {
-		kw, single := leadingKeyword(c.text)
-		require.Equal(t, c.kw, kw, "text %q", c.text)
-		require.Equal(t, c.single, single, "text %q", c.text)
-	}
-}
-
 func TestPrepareQuery(t *testing.T) {
-	p := prepareQuery(42, "insert into t values (##flow.TASK_ID##, '##flow.TASK_ID##')")
-	require.False(t, p.separateReset)
-	require.Equal(t, "insert into t values (42, '42')\n;"+SessionReset, p.sql)
-
-	p = prepareQuery(7, "-- maintenance\nCALL do_it(##flow.TASK_ID##)")
-	require.True(t, p.separateReset)
-	require.Equal(t, "-- maintenance\nCALL do_it(7)", p.sql)
-
-	p = prepareQuery(7, "VACUUM t; select 1")
-	require.False(t, p.separateReset)
+	require.Equal(t, "insert into t values (42, '42')",
+		prepareQuery(42, "insert into t values (##flow.TASK_ID##, '##flow.TASK_ID##')"))
+	require.Equal(t, "-- maintenance\nCALL do_it(7)", prepareQuery(7, "-- maintenance\nCALL do_it(##flow.TASK_ID##)"))
 }
 
 func TestMaskDSN(t *testing.T) {
@@ -81,13 +40,12 @@ func TestMaskDSN(t *testing.T) {
 	require.Equal(t, "a b", maskSecret("a b", "a")) // too short to replace literally
 }
 
-func FuzzLeadingKeyword(f *testing.F) {
-	for _, s := range []string{"call p()", "select 'a;b'; x", "$$;$$", "/* /* */", "E'\\", "$a$"} {
+func FuzzMaskDSN(f *testing.F) {
+	for _, s := range []string{"host=h password=secret", "postgres://u:p@h/db", "password='a b'", "password=", "://@"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		_, _ = leadingKeyword(s) // must not panic or loop
-		_ = maskDSN(s)
+		_ = maskDSN(s) // must not panic or loop
 	})
 }
 

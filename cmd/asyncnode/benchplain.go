@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -115,8 +116,9 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 	for _, conn := range conns {
 		wg.Go(func() {
 			for c := range work {
-				// As the executor sends a task (executor/sqltext.go).
-				if _, err := conn.PgConn().Exec(rctx, c.query+"\n;"+executor.SessionReset).ReadAll(); err != nil {
+				// As the executor sends a task: the text, then the session reset.
+				execErr, resetErr := executor.RunWithReset(rctx, conn.PgConn(), c.query)
+				if err := errors.Join(execErr, resetErr); err != nil {
 					cancel(fmt.Errorf("limit_plain_node: task %d: %w", c.id, err))
 					return
 				}
