@@ -92,32 +92,69 @@ func (m cpuMeter) sample() cpuSample {
 // serverTicks is the CPU time of postmaster and of all its children, live
 // or reaped.
 func serverTicks(postmaster int) (int64, error) {
-	pm, err := readProcTimes(postmaster)
-	if err != nil {
-		return 0, err
-	}
-	total := pm.self + pm.children
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return 0, err
-	}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == postmaster {
-			continue
-		}
-		t, err := readProcTimes(pid)
-		if processGone(err) {
-			continue // ended meanwhile: the postmaster's children time has it, or will
-		}
+	return serverTicksFrom(postmaster, readProcTimes, listPIDs)
+}
+
+// serverTicksFrom is serverTicks reading processes with read and listing
+// them with list. A child the postmaster reaps while the list is walked is
+// either counted twice (live, then in the postmaster's children time) or,
+// read after it was reaped, once; so the postmaster is read before and after
+// the walk and the walk repeated until no child was reaped during it. Under
+// constant churn the last walk counts, with the postmaster read after it:
+// that can count a child twice, never miss one (a sample that missed one
+// could make the CPU used between two samples negative).
+func serverTicksFrom(postmaster int, read func(int) (procTimes, error), list func() ([]int, error)) (int64, error) {
+	var total int64
+	for range 5 {
+		before, err := read(postmaster)
 		if err != nil {
 			return 0, err
 		}
-		if t.ppid == postmaster {
-			total += t.self
+		pids, err := list()
+		if err != nil {
+			return 0, err
+		}
+		var live int64
+		for _, pid := range pids {
+			if pid == postmaster {
+				continue
+			}
+			t, err := read(pid)
+			if processGone(err) {
+				continue // ended meanwhile: the postmaster's children time has it, or will
+			}
+			if err != nil {
+				return 0, err
+			}
+			if t.ppid == postmaster {
+				live += t.self
+			}
+		}
+		after, err := read(postmaster)
+		if err != nil {
+			return 0, err
+		}
+		total = after.self + after.children + live
+		if after.children == before.children {
+			break
 		}
 	}
 	return total, nil
+}
+
+// listPIDs lists the process ids in /proc.
+func listPIDs() ([]int, error) {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, err
+	}
+	pids := make([]int, 0, len(entries))
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
 }
 
 // processGone reports whether err, from reading /proc/<pid>/stat, says

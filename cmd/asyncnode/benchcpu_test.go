@@ -68,6 +68,44 @@ func TestServerTicksCountsChildrenLiveAndReaped(t *testing.T) {
 	require.GreaterOrEqual(t, reaped, live, "reaping a child does not lose its CPU")
 }
 
+// A child reaped while /proc is walked is counted once: read live and then
+// found in the postmaster's children time, or gone when its turn came and
+// not yet in that time when the postmaster was read first. Either way the
+// walk is repeated; a sample never misses the child (which made a figure
+// negative in a CI run).
+func TestServerTicksCountsAChildReapedDuringTheWalkOnce(t *testing.T) {
+	const pm, child = 100, 200
+	for _, readLiveFirst := range []bool{true, false} {
+		reaped := false
+		pmReads := 0
+		read := func(pid int) (procTimes, error) {
+			switch pid {
+			case pm:
+				pmReads++
+				if pmReads == 2 {
+					reaped = true // between the first walk and the read after it
+				}
+				if reaped {
+					return procTimes{ppid: 1, self: 10, children: 70}, nil
+				}
+				return procTimes{ppid: 1, self: 10}, nil
+			case child:
+				if reaped || !readLiveFirst {
+					reaped = true
+					return procTimes{}, syscall.ENOENT
+				}
+				return procTimes{ppid: pm, self: 70}, nil
+			}
+			return procTimes{ppid: 1, self: 5}, nil
+		}
+		list := func() ([]int, error) { return []int{1, pm, child}, nil }
+		got, err := serverTicksFrom(pm, read, list)
+		require.NoError(t, err)
+		require.Equal(t, int64(80), got, "read live first: %v", readLiveFirst)
+		require.Greater(t, pmReads, 2, "the walk was repeated")
+	}
+}
+
 // A process that ends between the listing of /proc and the read of its
 // stat file is skipped, whichever of the two errors the read gives; any
 // other error is not.

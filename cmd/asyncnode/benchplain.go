@@ -41,8 +41,8 @@ const plainFinish = `update async.task set processed = clock_timestamp(), finish
 // running: one session claims READY tasks in order plainBatch at a time
 // (FOR UPDATE SKIP LOCKED, setting consumed and attempt) and marks them
 // started; executor.DefaultShortConns sessions each run tasks' queries
-// followed by the executor's session reset in the same message (one round
-// trip per task, as a node sends them); one session marks the finished
+// followed by the executor's session reset in the same write
+// (executor.RunWithReset, as a node sends them); one session marks the finished
 // ones processed, in batches. Three row updates and one round trip per
 // task, as with a node, and nothing else: no Raft, no scheduler, no pool
 // limits, no fencing, no time-outs. The node CPU figure of its line is
