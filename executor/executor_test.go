@@ -567,6 +567,11 @@ func TestLoneStatementRunsOutsideATransactionBlock(t *testing.T) {
 	require.Equal(t, pgstore.StatusFailed, o.Status)
 	require.Contains(t, errText(o), "CREATE INDEX CONCURRENTLY cannot run inside a transaction block")
 
+	// The other way round: alone, a statement that needs a transaction block fails.
+	o = h.run(task{query: `LOCK TABLE t`})
+	require.Equal(t, pgstore.StatusFailed, o.Status)
+	require.Equal(t, "ERROR:  LOCK TABLE can only be used in transaction blocks", errText(o))
+
 	// A lone BEGIN leaves a transaction open: the reset cannot run in it.
 	o = h.run(task{query: `BEGIN`})
 	require.Equal(t, pgstore.StatusFailed, o.Status)
