@@ -35,8 +35,8 @@ func prepareQuery(taskID int64, text string) string {
 // cheaper reset than eight statements appended to text.
 //
 // execErr is text's error. When it is not nil the reset's answer is left
-// unread and the connection must not be used again (the raw connection is
-// closed here already when text may never have been written). resetErr is the
+// unread and the connection must not be used again: its socket is closed
+// here already (Exec may have returned before writing text). resetErr is the
 // reset's error (or the error reading its answer); the connection is then not
 // fit for reuse either. PgConn.TxStatus afterwards is the reset's: not 'I'
 // when text left a transaction block open.
