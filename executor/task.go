@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/asyncnode/asyncnode/pgstore"
@@ -253,6 +254,53 @@ func (e *Executor) execute(ctx context.Context, t *target, conn *pgxpool.Conn, q
 		<-watchdogDone
 	}
 	return execErr, resetErr
+}
+
+// RunWithReset sends text and then SessionReset as two simple-protocol
+// queries in one write, and reads both answers. text runs as pgx's Exec runs
+// it (several statements form one implicit transaction; a single statement
+// runs outside any transaction block, so a procedure may COMMIT and VACUUM
+// works); ctx cancels it as Exec does. The reset is a query of its own, so it
+// runs whatever text did, and the backend answers both without waiting for
+// the client in between: one write and usually one read per task, and a
+// cheaper reset than eight statements appended to text.
+//
+// execErr is text's error. When it is not nil the reset's answer is left
+// unread and the connection must not be used again: its socket is closed
+// here already (Exec may have returned before writing text). resetErr is the
+// reset's error (or the error reading its answer); the connection is then not
+// fit for reuse either. PgConn.TxStatus afterwards is the reset's: not 'I'
+// when text left a transaction block open.
+//
+// Exported for `asyncnode bench`, whose plain program sends tasks the same way.
+func RunWithReset(ctx context.Context, pc *pgconn.PgConn, text string) (execErr, resetErr error) {
+	// Exec appends its own query to the write buffer and writes both; its
+	// reader stops at the first ReadyForQuery, which is text's.
+	pc.Frontend().Send(&pgproto3.Query{String: text})
+	if execErr = pc.Exec(ctx, SessionReset).Close(); execErr != nil {
+		// Exec may have returned before writing anything (a context already
+		// done, a closed connection): close the socket so that the buffered
+		// text can never be written by a later call (Close's Terminate).
+		_ = pc.Conn().Close()
+		return execErr, nil
+	}
+	for {
+		msg, err := pc.ReceiveMessage(ctx)
+		if err != nil {
+			if resetErr == nil {
+				resetErr = err
+			}
+			return nil, resetErr
+		}
+		switch m := msg.(type) {
+		case *pgproto3.ErrorResponse:
+			if resetErr == nil {
+				resetErr = pgconn.ErrorResponseToPgError(m)
+			}
+		case *pgproto3.ReadyForQuery:
+			return nil, resetErr
+		}
+	}
 }
 
 // destroy closes a task connection instead of returning it to the pool,
