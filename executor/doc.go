@@ -12,7 +12,7 @@
 //     the leader frees their slots.
 //  3. Each started task runs in its own goroutine on a connection of the warm
 //     pgxpool of its target (one pool per distinct connection string), with a
-//     context whose deadline is the attempt's deadline. The leader enforces
+//     context cancelled at the attempt's deadline. The leader enforces
 //     the limits, so there is no worker count here.
 //  4. Outcomes are written in batches with Store.FinishTasks (flushed when a
 //     batch is full or Config.FlushEvery after the first pending outcome),

@@ -620,13 +620,18 @@ func (e *Executor) launch(batch []Work, started []pgstore.StartedTask) {
 func (e *Executor) runAttempt(ctx context.Context, cancel context.CancelCauseFunc, st pgstore.StartedTask, deadline time.Time) {
 	defer e.tasks.Done()
 	defer cancel(nil)
-	runCtx := ctx
+	// The deadline cancels ctx itself (cause errTimedOut) rather than a
+	// child context: one context fewer per attempt, and everything that
+	// watches the attempt registers on one parent.
 	if !deadline.IsZero() {
-		var c context.CancelFunc
-		runCtx, c = context.WithDeadlineCause(ctx, deadline, errTimedOut)
-		defer c()
+		if d := time.Until(deadline); d > 0 {
+			t := time.AfterFunc(d, func() { cancel(errTimedOut) })
+			defer t.Stop()
+		} else {
+			cancel(errTimedOut)
+		}
 	}
-	out, stop := e.run(runCtx, st)
+	out, stop := e.run(ctx, st, deadline)
 	e.complete(pgstore.Ref{TaskID: st.TaskID, Attempt: st.Attempt}, out, stop)
 }
 

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -16,9 +17,12 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
+	"github.com/asyncnode/asyncnode/internal/faultproxy"
 	"github.com/asyncnode/asyncnode/internal/pglocal"
 	"github.com/asyncnode/asyncnode/pgstore"
 )
@@ -1159,4 +1163,46 @@ func TestShortTasksShareFewSessionsLongOnesGetTheirOwn(t *testing.T) {
 	require.Equal(t, int64(1), sqlInt(t, h2.dsn,
 		`select (max(began) < min(ended))::int from long_runs`),
 		"the 6 long tasks did not all run at once with ShortConnsPerTarget 2")
+}
+
+// The session reset's answer is read without the attempt's context, so its
+// wait is bounded by a read deadline instead: a reset whose answer never
+// comes ends in a time-out error, and a reset that answers leaves no
+// deadline behind for the session's next query.
+func TestResetAnswerWaitIsBounded(t *testing.T) {
+	dsn := newDB(t)
+	cfg, err := pgconn.ParseConfig(dsn)
+	require.NoError(t, err)
+	proxy, err := faultproxy.Listen("127.0.0.1:0", net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = proxy.Close() })
+	cfg.Host, cfg.Port = "127.0.0.1", uint16(proxy.Addr().Port)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	pc, err := pgconn.ConnectConfig(ctx, cfg)
+	require.NoError(t, err)
+	defer pc.Close(ctx)
+
+	const timeout = 300 * time.Millisecond
+	sendReset := func() {
+		pc.Frontend().Send(&pgproto3.Query{String: SessionReset})
+		require.NoError(t, pc.Frontend().Flush())
+	}
+	sendReset()
+	require.NoError(t, readResetAnswer(pc, timeout))
+	// A query that outlasts the reset's deadline still gets its answer.
+	require.NoError(t, pc.Exec(ctx, "select pg_sleep(0.6)").Close())
+
+	proxy.Blackhole()
+	sendReset()
+	done := make(chan error, 1)
+	go func() { done <- readResetAnswer(pc, timeout) }()
+	select {
+	case err := <-done:
+		var ne net.Error
+		require.ErrorAs(t, err, &ne)
+		require.True(t, ne.Timeout(), "want a time-out, got %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the wait for the reset's answer was not bounded")
+	}
 }

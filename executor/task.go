@@ -1,8 +1,10 @@
 package executor
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -34,6 +36,10 @@ const maxSafeRetries = 3
 // closeTimeout bounds closing (or rolling back on) a task connection.
 const closeTimeout = time.Second
 
+// resetTimeout bounds the wait for the session reset's answer once the
+// task's text has answered (the reset itself takes microseconds).
+const resetTimeout = 5 * time.Second
+
 // connFailure is a task's final failure to get a connection to its target.
 type connFailure struct{ msg string }
 
@@ -56,7 +62,8 @@ func stopCause(ctx context.Context) error {
 
 // run runs one started task. It returns its outcome, or nil and the reason
 // (errRevoked, errShutdown, errAbandoned) when the attempt ends without one.
-func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Outcome, error) {
+// ctx is cancelled with cause errTimedOut at deadline (zero: none).
+func (e *Executor) run(ctx context.Context, st pgstore.StartedTask, deadline time.Time) (*pgstore.Outcome, error) {
 	log := newAttemptLog(e.log, &st)
 	ref := pgstore.Ref{TaskID: st.TaskID, Attempt: st.Attempt}
 	outcome := func(s pgstore.Status, msg string) (*pgstore.Outcome, error) {
@@ -93,7 +100,7 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Ou
 		defer gp.leave()
 	}
 	for safeRetries := 0; ; safeRetries++ {
-		conn, err := e.acquire(ctx, t, log)
+		conn, err := e.acquire(ctx, deadline, t, log)
 		if err != nil {
 			var cf *connFailure
 			if errors.As(err, &cf) {
@@ -116,10 +123,15 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Ou
 				log.Warn("task failed", "error", OpenTransactionError)
 				return outcome(pgstore.StatusFailed, OpenTransactionError)
 			}
-			if resetErr != nil {
+			switch {
+			case resetErr != nil:
 				log.Warn("session reset failed; closing the connection", "error", t.maskErr(resetErr))
 				e.destroy(ctx, conn, false)
-			} else {
+			case ctx.Err() != nil:
+				// Stopped as text finished: a cancel request sent for text
+				// may still be on its way to this session.
+				e.destroy(ctx, conn, false)
+			default:
 				conn.Release()
 			}
 			if st.Async {
@@ -154,10 +166,12 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask) (*pgstore.Ou
 
 // acquire gets a connection to t. While the target is unreachable it waits
 // with backoff (D12); it returns a *connFailure once the task has waited
-// long enough, or ctx's error when ctx ends first (unless a connection error
-// is known and the deadline was reached: then a *connFailure too).
-func (e *Executor) acquire(ctx context.Context, t *target, log *attemptLog) (*pgxpool.Conn, error) {
-	deadline, hasDeadline := ctx.Deadline()
+// long enough (never later than deadline less deadlineMargin, unless
+// deadline is zero), or ctx's error when ctx ends first (unless a
+// connection error is known and the deadline was reached: then a
+// *connFailure too).
+func (e *Executor) acquire(ctx context.Context, deadline time.Time, t *target, log *attemptLog) (*pgxpool.Conn, error) {
+	hasDeadline := !deadline.IsZero()
 	var firstFail time.Time
 	var lastErr error
 	for {
@@ -260,10 +274,11 @@ func (e *Executor) execute(ctx context.Context, t *target, conn *pgxpool.Conn, q
 // queries in one write, and reads both answers. text runs as pgx's Exec runs
 // it (several statements form one implicit transaction; a single statement
 // runs outside any transaction block, so a procedure may COMMIT and VACUUM
-// works); ctx cancels it as Exec does. The reset is a query of its own, so it
-// runs whatever text did, and the backend answers both without waiting for
-// the client in between: one write and usually one read per task, and a
-// cheaper reset than eight statements appended to text.
+// works); ctx cancels it as Exec does. The reset is a query of its own, so
+// it runs whatever text did, and the backend answers both without waiting
+// for the client in between: one write and usually one read per task, and a
+// cheaper reset than eight statements appended to text. The reset's answer
+// is read without ctx, within resetTimeout (readResetAnswer).
 //
 // execErr is text's error. When it is not nil the reset's answer is left
 // unread and the connection must not be used again: its socket is closed
@@ -284,13 +299,27 @@ func RunWithReset(ctx context.Context, pc *pgconn.PgConn, text string) (execErr,
 		_ = pc.Conn().Close()
 		return execErr, nil
 	}
+	return nil, readResetAnswer(pc, resetTimeout)
+}
+
+// readResetAnswer reads the answer to the session reset that RunWithReset
+// sent after the text. Not on the attempt's context: text has answered, so
+// there is nothing left for a time-out, revoke or shutdown to stop, and
+// registering on the context for each message cost as much as the read.
+// A connection read deadline (timeout from now) bounds it instead; past it
+// the error is returned and the caller closes the connection.
+func readResetAnswer(pc *pgconn.PgConn, timeout time.Duration) error {
+	nc := pc.Conn()
+	if err := nc.SetReadDeadline(time.Now().Add(timeout)); err != nil {
+		return fmt.Errorf("set the session reset's read deadline: %w", err)
+	}
+	var resetErr error
 	for {
-		msg, err := pc.ReceiveMessage(ctx)
+		msg, err := pc.ReceiveMessage(context.Background())
 		if err != nil {
-			if resetErr == nil {
-				resetErr = err
-			}
-			return nil, resetErr
+			// The connection is not fit for reuse: the caller closes it,
+			// so the deadline needs no clearing.
+			return cmp.Or(resetErr, err)
 		}
 		switch m := msg.(type) {
 		case *pgproto3.ErrorResponse:
@@ -298,7 +327,10 @@ func RunWithReset(ctx context.Context, pc *pgconn.PgConn, text string) (execErr,
 				resetErr = pgconn.ErrorResponseToPgError(m)
 			}
 		case *pgproto3.ReadyForQuery:
-			return nil, resetErr
+			if err := nc.SetReadDeadline(time.Time{}); err != nil {
+				return cmp.Or(resetErr, fmt.Errorf("clear the session reset's read deadline: %w", err))
+			}
+			return resetErr
 		}
 	}
 }
