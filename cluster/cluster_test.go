@@ -5,8 +5,11 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"errors"
+	"net"
 	"net/http"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +20,7 @@ import (
 
 	"github.com/asyncnode/asyncnode/cluster"
 	"github.com/asyncnode/asyncnode/cluster/faultnet"
+	"github.com/asyncnode/asyncnode/internal/pglocal"
 )
 
 func TestConfigValidate(t *testing.T) {
@@ -526,4 +530,52 @@ func TestForwardedHook(t *testing.T) {
 	mu.Lock()
 	require.Equal(t, []string{"mine", "raft"}, seen, "the hook saw the forwarded commands only")
 	mu.Unlock()
+}
+
+// A whole cluster stops and restarts from its data dirs, without Join
+// addresses. n2 restarts last and remembers no gossip peer (as when it is
+// killed before it saved them); n1, which remembers n2, has already
+// rejoined through n3 by then. n1 must still reach n2, or nobody would
+// ever contact it and the leader would remove it as unknown to gossip.
+func TestWholeClusterRestartFindsAPeerThatRemembersNobody(t *testing.T) {
+	ports, err := pglocal.FreePorts(9)
+	require.NoError(t, err)
+	fixed := func(i int, cfg cluster.Config) cluster.Config {
+		addr := func(p int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(p)) }
+		cfg.RaftAddr, cfg.GossipAddr, cfg.HTTPAddr = addr(ports[3*i]), addr(ports[3*i+1]), addr(ports[3*i+2])
+		return cfg
+	}
+	cfgs := []cluster.Config{fixed(0, baseConfig(t, "n1"))}
+	n1 := startNode(t, cfgs[0])
+	waitLeader(t, n1)
+	cfgs = append(cfgs, fixed(1, joinConfig(t, "n2", n1)), fixed(2, joinConfig(t, "n3", n1)))
+	n2, n3 := startNode(t, cfgs[1]), startNode(t, cfgs[2])
+	waitServers(t, n1, map[string]raft.ServerSuffrage{"n1": raft.Voter, "n2": raft.Voter, "n3": raft.Voter})
+	peersOf := func(cfg cluster.Config) string {
+		b, _ := os.ReadFile(filepath.Join(cfg.DataDir, "gossip-peers.json"))
+		return string(b)
+	}
+	require.Eventually(t, func() bool {
+		p := peersOf(cfgs[0])
+		return strings.Contains(p, cfgs[1].GossipAddr) && strings.Contains(p, cfgs[2].GossipAddr)
+	}, 10*time.Second, 20*time.Millisecond, "n1 never remembered n2 and n3: %q", peersOf(cfgs[0]))
+
+	for _, n := range []*tnode{n1, n2, n3} {
+		require.NoError(t, n.Stop(context.Background()))
+	}
+	require.NoError(t, os.Remove(filepath.Join(cfgs[1].DataDir, "gossip-peers.json")))
+	for i := range cfgs {
+		cfgs[i].Join = nil
+	}
+	r1, r3 := startNode(t, cfgs[0]), startNode(t, cfgs[2])
+	alive := func(from *tnode, id string) bool {
+		return membersByID(from.Members())[id].Health == cluster.HealthAlive
+	}
+	require.Eventually(t, func() bool { return alive(r1, "n3") && alive(r3, "n1") }, 15*time.Second, 20*time.Millisecond,
+		"n1 and n3 never found each other again")
+	r2 := startNode(t, cfgs[1])
+	require.Eventually(t, func() bool { return alive(r1, "n2") && alive(r2, "n1") && alive(r2, "n3") },
+		15*time.Second, 20*time.Millisecond, "n2 never rejoined gossip; n1 sees %+v", r1.Members())
+	leader := waitLeader(t, r1, r2, r3)
+	waitServers(t, leader, map[string]raft.ServerSuffrage{"n1": raft.Voter, "n2": raft.Voter, "n3": raft.Voter})
 }

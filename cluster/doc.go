@@ -21,7 +21,8 @@
 //
 // While it runs, a node contacts the members it sees dead every 2 s, so
 // that gossip heals within seconds of the end of a partition (memberlist
-// alone would keep both sides dead to each other for about 30 s).
+// alone would keep both sides dead to each other for about 30 s), and, for
+// ten minutes after a restart, the remembered peers it has not seen yet.
 //
 // Stop shuts the node down without leaving: peers see it as failed and keep
 // its Raft seat for Config.ReapDeadAfter, so a restart (a rolling upgrade)

@@ -241,19 +241,23 @@ func (n *Node) start() (joinNow bool, err error) {
 	})
 	n.raft.RegisterObserver(n.observer)
 
+	var remembered []string
+	if len(n.cfg.Join) == 0 && n.resumed {
+		remembered = readPeers(n.cfg.DataDir)
+	}
 	n.wg.Add(4)
 	go n.monitorLeadership()
 	go n.observe(obsCh)
 	go n.reconcileLoop()
-	go n.reconnectLoop()
+	go n.reconnectLoop(remembered)
 
 	n.log.Info("node started", "raft", n.raftAddr, "gossip", n.gossipAddr, "api", n.apiAddr,
 		"resumed", n.resumed, "voters", n.cfg.Voters, "tls", n.tls != nil, "gossip_encrypted", n.cfg.Key != nil)
 
 	if len(n.cfg.Join) == 0 {
-		if peers := readPeers(n.cfg.DataDir); n.resumed && len(peers) > 0 {
+		if len(remembered) > 0 {
 			n.wg.Add(1)
-			go n.rejoinRemembered(peers)
+			go n.rejoinRemembered(remembered)
 		}
 		return false, nil
 	}
@@ -495,7 +499,8 @@ func (n *Node) refuse(err error) error {
 }
 
 // rejoinRemembered tries, in the background, the gossip peers remembered
-// in the data directory until another member is seen.
+// in the data directory until another member is seen. Remembered peers
+// that are still unknown after that are tried by reconnectLoop.
 func (n *Node) rejoinRemembered(peers []string) {
 	defer n.wg.Done()
 	wait := 200 * time.Millisecond
@@ -524,6 +529,10 @@ func (n *Node) rejoinRemembered(peers []string) {
 // reconnectEvery is how often a node contacts the members it sees dead.
 const reconnectEvery = 2 * time.Second
 
+// rememberedFor is how long after a restart reconnectLoop keeps contacting
+// remembered gossip peers that no member has been seen at.
+const rememberedFor = 10 * time.Minute
+
 // reconnectLoop contacts, every reconnectEvery, the members this node sees
 // dead (not left), as Serf's reconnect does. memberlist alone never
 // retries them: after a partition heals, each side keeps the other dead
@@ -533,10 +542,18 @@ const reconnectEvery = 2 * time.Second
 // reaches the node again, the leader would remove it as dead and the node,
 // seeing no live leader, could not forward to it. A join is a push/pull
 // exchange: each side then sees itself reported dead and refutes it.
-func (n *Node) reconnectLoop() {
+//
+// For rememberedFor after a restart it also contacts the remembered gossip
+// peers (remembered, from the data directory) at which no member has been
+// seen: when a whole cluster restarts, rejoinRemembered stops at the first
+// peer it reaches, and a peer that starts a moment later and remembers
+// nobody (killed before it saved its peers) would otherwise never be
+// contacted; the leader would remove it from Raft as unknown to gossip.
+func (n *Node) reconnectLoop(remembered []string) {
 	defer n.wg.Done()
 	tick := time.NewTicker(reconnectEvery)
 	defer tick.Stop()
+	rememberUntil := time.Now().Add(rememberedFor)
 	for {
 		select {
 		case <-n.stopCh:
@@ -546,9 +563,18 @@ func (n *Node) reconnectLoop() {
 		case <-tick.C:
 		}
 		var ids, addrs []string
+		seen := map[string]bool{}
 		for id, m := range n.members.snapshot() {
+			seen[m.Gossip] = true
 			if id != n.cfg.NodeID && m.Health == HealthDead && m.Gossip != "" {
 				ids, addrs = append(ids, id), append(addrs, m.Gossip)
+			}
+		}
+		if len(remembered) > 0 && time.Now().Before(rememberUntil) {
+			for _, a := range remembered {
+				if !seen[a] {
+					ids, addrs = append(ids, "remembered "+a), append(addrs, a)
+				}
 			}
 		}
 		if len(addrs) == 0 {
@@ -560,9 +586,9 @@ func (n *Node) reconnectLoop() {
 		go func() {
 			defer close(done)
 			if k, err := n.list.Join(addrs); err != nil {
-				n.log.Debug("members seen dead still unreachable", "members", ids, "error", err)
+				n.log.Debug("members seen dead, or remembered and not seen, still unreachable", "members", ids, "error", err)
 			} else {
-				n.log.Info("reached members seen dead", "members", ids, "reached", k)
+				n.log.Info("reached members seen dead, or remembered and not seen", "members", ids, "reached", k)
 			}
 		}()
 		select {

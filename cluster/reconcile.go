@@ -32,9 +32,11 @@ func (n *Node) reconcileLoop() {
 			return
 		case <-n.reconcileCh:
 		case <-t.C:
-			n.savePeers(&saved)
 			n.members.prune(n.cfg.ReapDeadAfter + time.Minute)
 		}
+		// At every membership event, not only every second: a node killed
+		// within a second of joining must still remember its peers.
+		n.savePeers(&saved)
 		if n.metaDirty.Swap(false) {
 			// The local state changes at once; the wait only confirms the
 			// broadcast (push/pull syncs it anyway), so do not retry.
