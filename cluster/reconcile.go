@@ -315,12 +315,15 @@ func (n *Node) liveTombs(table map[string]memberInfo, now time.Time) map[string]
 }
 
 // savePeers writes the gossip addresses of the other live members to the
-// data directory when they changed.
+// data directory when they changed. It reads the node's own member table:
+// the *memberlist.Node values that Memberlist.Members returns are
+// memberlist's own, which it updates in place without our lock (a data
+// race the race detector caught once peers were saved at every event).
 func (n *Node) savePeers(saved *string) {
 	var addrs []string
-	for _, m := range n.list.Members() {
-		if m.Name != n.cfg.NodeID {
-			addrs = append(addrs, gossipAddrOf(m))
+	for id, m := range n.members.snapshot() {
+		if id != n.cfg.NodeID && m.Health == HealthAlive && m.Gossip != "" {
+			addrs = append(addrs, m.Gossip)
 		}
 	}
 	if len(addrs) == 0 {
