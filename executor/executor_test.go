@@ -607,6 +607,23 @@ func TestFailedTaskConnectionIsNotReused(t *testing.T) {
 	require.Equal(t, int64(1), sqlInt(t, h.dsn, `select count(*) from pids where pid <> $1`, first))
 }
 
+// A text that catches the cancel sent at its deadline still finishes, but
+// the cancel request was sent on its session: the session is closed, not
+// handed to the next task, which a late cancel could otherwise hit.
+func TestSessionStoppedAsItsTextFinishedIsNotReused(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.MaxConnsPerTarget = 1 })
+	sqlExec(t, h.dsn, `CREATE TABLE pids(pid int)`)
+	// Warm: the tested task must reach its text well before its deadline.
+	requireFinished(t, h.run(task{query: `select 1`}))
+	o := h.run(task{timeout: time.Second, query: `insert into pids values (pg_backend_pid());
+		do $$ begin perform pg_sleep(10); exception when query_canceled then null; end $$`})
+	requireFinished(t, o) // it did finish: the cancel was caught
+	require.Equal(t, int64(1), sqlInt(t, h.dsn, `select count(*) from pids`), "the text ran to its end")
+	first := sqlInt(t, h.dsn, `select pid from pids`)
+	requireFinished(t, h.run(task{query: `insert into pids values (pg_backend_pid())`}))
+	require.Equal(t, int64(1), sqlInt(t, h.dsn, `select count(*) from pids where pid <> $1`, first))
+}
+
 // activeBackend returns the pid of our backend running a query containing
 // marker (0 if none).
 func activeBackend(t *testing.T, h *harness, marker string) int64 {
