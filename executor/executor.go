@@ -60,10 +60,16 @@ type Config struct {
 	ShortConnsPerTarget int
 	// LongTaskAfter is how long a task holds its connection before it no
 	// longer counts against ShortConnsPerTarget (default 20ms).
-	LongTaskAfter  time.Duration
-	BatchSize      int           // max refs per StartTasks/FinishTasks/Report call (default 500)
-	FlushEvery     time.Duration // max wait before flushing a partial outcome batch (default 2ms)
-	TerminateAfter time.Duration // cancel → terminate escalation delay (default 2s)
+	LongTaskAfter time.Duration
+	BatchSize     int           // max refs per StartTasks/FinishTasks/Report call (default 500)
+	FlushEvery    time.Duration // max wait before flushing a partial outcome batch (default 2ms)
+	// ReportsInFlight bounds the Report calls under way at once (default
+	// 4). A Report returns once its Raft entry commits, which on a busy
+	// leader is the next dispatch pass; with one call at a time, Dones
+	// that end meanwhile would wait for that pass and then for the next,
+	// holding their workers' slots the whole time.
+	ReportsInFlight int
+	TerminateAfter  time.Duration // cancel → terminate escalation delay (default 2s)
 	// UnreachableWait bounds how long a task waits for an unreachable
 	// target, counted from its first failed connection (default 60s).
 	UnreachableWait time.Duration
@@ -84,6 +90,7 @@ const (
 	DefaultLongTaskAfter     = 20 * time.Millisecond
 	DefaultBatchSize         = 500
 	DefaultFlushEvery        = 2 * time.Millisecond
+	DefaultReportsInFlight   = 4
 	DefaultTerminateAfter    = 2 * time.Second
 	DefaultUnreachableWait   = 60 * time.Second
 	DefaultConnectTimeout    = 10 * time.Second
@@ -197,7 +204,7 @@ func New(cfg Config, store Store, rep Reporter) (*Executor, error) {
 		{"ShortConnsPerTarget", int64(cfg.ShortConnsPerTarget)}, {"LongTaskAfter", int64(cfg.LongTaskAfter)},
 		{"FlushEvery", int64(cfg.FlushEvery)}, {"TerminateAfter", int64(cfg.TerminateAfter)},
 		{"UnreachableWait", int64(cfg.UnreachableWait)}, {"ConnectTimeout", int64(cfg.ConnectTimeout)},
-		{"ShutdownTimeout", int64(cfg.ShutdownTimeout)},
+		{"ShutdownTimeout", int64(cfg.ShutdownTimeout)}, {"ReportsInFlight", int64(cfg.ReportsInFlight)},
 	} {
 		if f.v < 0 {
 			return nil, fmt.Errorf("%w: %s must be >= 0 (0 means the default)", ErrInvalidConfig, f.name)
@@ -211,6 +218,7 @@ func New(cfg Config, store Store, rep Reporter) (*Executor, error) {
 	cfg.LongTaskAfter = cmp.Or(cfg.LongTaskAfter, DefaultLongTaskAfter)
 	cfg.BatchSize = cmp.Or(cfg.BatchSize, DefaultBatchSize)
 	cfg.FlushEvery = cmp.Or(cfg.FlushEvery, DefaultFlushEvery)
+	cfg.ReportsInFlight = cmp.Or(cfg.ReportsInFlight, DefaultReportsInFlight)
 	cfg.TerminateAfter = cmp.Or(cfg.TerminateAfter, DefaultTerminateAfter)
 	cfg.UnreachableWait = cmp.Or(cfg.UnreachableWait, DefaultUnreachableWait)
 	cfg.ConnectTimeout = cmp.Or(cfg.ConnectTimeout, DefaultConnectTimeout)
@@ -768,22 +776,36 @@ func (e *Executor) finishBatch(ctx context.Context, batch []pgstore.Outcome) err
 	return nil
 }
 
-// reportLoop delivers Done batches to the leader.
+// reportLoop delivers Done batches to the leader, up to ReportsInFlight
+// at once; it returns once ctx is done and its calls have returned (a
+// batch whose call failed is queued again for flushAll).
 func (e *Executor) reportLoop(ctx context.Context) {
+	var calls sync.WaitGroup
+	defer calls.Wait()
+	free := make(chan struct{}, e.cfg.ReportsInFlight)
 	for {
+		// A place first, then the batch: Dones that end while every place
+		// is taken go out together in the next call.
+		select {
+		case <-ctx.Done():
+			return
+		case free <- struct{}{}:
+		}
 		batch := e.takeDones()
-		if len(batch) == 0 {
+		for len(batch) == 0 {
 			select {
 			case <-ctx.Done():
 				return
 			case <-e.reportWake:
 			}
-			continue
+			batch = e.takeDones()
 		}
-		if err := e.reportBatch(ctx, batch); err != nil {
-			e.requeueDones(batch)
-			return
-		}
+		calls.Go(func() {
+			defer func() { <-free }()
+			if err := e.reportBatch(ctx, batch); err != nil {
+				e.requeueDones(batch)
+			}
+		})
 	}
 }
 

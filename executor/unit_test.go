@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
@@ -100,4 +102,63 @@ func TestNewValidates(t *testing.T) {
 	require.Equal(t, DefaultMaxConnsPerTarget, e.cfg.MaxConnsPerTarget)
 	require.Equal(t, DefaultTerminateAfter, e.cfg.TerminateAfter)
 	require.Equal(t, DefaultFlushEvery, e.cfg.FlushEvery)
+	require.Equal(t, DefaultReportsInFlight, e.cfg.ReportsInFlight)
+	_, err = New(Config{Node: "n", Incarnation: "i", ReportsInFlight: -1}, nopStore{}, nopReporter{})
+	require.ErrorContains(t, err, "ReportsInFlight")
+}
+
+// heldReporter holds every Report call until release is closed and tells
+// calls of each call's batch.
+type heldReporter struct {
+	release chan struct{}
+	calls   chan []Done
+}
+
+func (r heldReporter) Report(ctx context.Context, done []Done) error {
+	r.calls <- done
+	select {
+	case <-r.release:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Dones that end while a Report call waits for its commit go out in calls
+// of their own, up to ReportsInFlight at once, and no more. (nopStore
+// starts nothing, so every submitted attempt is fenced out at start and
+// reported Done at once.)
+func TestReportsInFlightAreBounded(t *testing.T) {
+	rep := heldReporter{release: make(chan struct{}), calls: make(chan []Done, 10)}
+	e, err := New(Config{Node: "n1", Incarnation: "i1", ReportsInFlight: 2}, nopStore{}, rep)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	var run sync.WaitGroup
+	run.Go(func() { require.NoError(t, e.Run(ctx)) })
+	defer func() { cancel(); run.Wait() }()
+
+	next := func(what string) []Done {
+		t.Helper()
+		select {
+		case b := <-rep.calls:
+			return b
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no Report call for %s", what)
+			return nil
+		}
+	}
+	for id := int64(1); id <= 2; id++ {
+		e.Submit([]Work{{Ref: pgstore.Ref{TaskID: id, Attempt: 1}}})
+		b := next("a Done that ended while earlier calls wait")
+		require.Equal(t, []Done{{Ref: pgstore.Ref{TaskID: id, Attempt: 1}}}, b)
+	}
+	e.Submit([]Work{{Ref: pgstore.Ref{TaskID: 3, Attempt: 1}}})
+	select {
+	case b := <-rep.calls:
+		t.Fatalf("a third Report call while two are under way: %v", b)
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(rep.release)
+	require.Equal(t, []Done{{Ref: pgstore.Ref{TaskID: 3, Attempt: 1}}}, next("the Done held back"))
+	require.Eventually(t, func() bool { return len(e.Running()) == 0 }, 10*time.Second, 10*time.Millisecond)
 }
