@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/asyncnode/asyncnode/executor"
 	"github.com/asyncnode/asyncnode/internal/pglocal"
 	"github.com/asyncnode/asyncnode/pgstore"
 )
@@ -62,7 +63,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	fs.StringVar(&f.dsn, "bench-dsn", "", "server database to benchmark in (it must hold no tasks; bench sets control.workers and SELF's limit to 1000 there; default: a throwaway PostgreSQL)")
 	fs.IntVar(&f.nodes, "nodes", 1, "nodes for the throughput and latency figures (1 or more; 3 adds a second round on 3 nodes when 1 is given with --scale-out)")
 	fs.IntVar(&f.tasks, "tasks", 20000, "trivial tasks pushed in one statement for the throughput figure")
-	fs.IntVar(&f.rounds, "rounds", 3, "throughput rounds per figure (1-20); the figure is their median, each round's rate is printed too")
+	fs.IntVar(&f.rounds, "rounds", 3, "rounds of each throughput figure and of limit_bookkeeping and limit_plain_node (1-20); the figure is their median, each round's rate is printed too")
 	fs.IntVar(&f.clients, "clients", 4, "connections for the continuous push and the round-trip limit")
 	fs.DurationVar(&f.push, "push-for", 5*time.Second, "how long the clients push continuously")
 	fs.IntVar(&f.samples, "samples", 200, "single tasks pushed one at a time for the latency figures")
@@ -384,9 +385,7 @@ func (b *bench) throughput(ctx context.Context, label string) error {
 		rounds = append(rounds, round{secs, wall, cpu})
 		each = append(each, num(rate(rounds[i])))
 	}
-	// Longest first, so the lower median rate is the middle one.
-	slices.SortStableFunc(rounds, func(x, y round) int { return cmp.Compare(y.secs, x.secs) })
-	m := rounds[(len(rounds)-1)/2]
+	m := lowerMedian(rounds, rate)
 	b.print("throughput_"+label, rate(m), fmt.Sprintf("unit=tasks/s nodes=%d tasks=%d rounds=%d each=%s seconds=%.3f wall=%s%s",
 		b.nodes, b.f.tasks, len(each), strings.Join(each, ","), m.secs, m.wall.Round(time.Millisecond), m.cpu))
 	return nil
@@ -598,36 +597,89 @@ func (b *bench) limits(ctx context.Context) error {
 	b.print("limit_roundtrips", float64(n.Load())/time.Since(start).Seconds(),
 		fmt.Sprintf("unit=queries/s connections=%d query='select 0'", b.f.clients))
 
+	// Like throughput_*, the two task limits are the median of --rounds
+	// rounds: a single round swings with the machine as much as one round
+	// of the cluster does, and the ratios divide by them.
+	var book, plain []limitRound
+	for range b.f.rounds {
+		r, err := b.bookkeepingRound(ctx)
+		if err != nil {
+			return err
+		}
+		book = append(book, r)
+	}
+	m := lowerMedian(book, limitRound.perSecond)
+	b.print("limit_bookkeeping", m.perSecond(),
+		fmt.Sprintf("unit=tasks/s tasks=%d rounds=%d each=%s batch=%d (claim in order + finish, plain SQL, no query run)%s",
+			b.f.tasks, len(book), eachRate(book), plainBatch, m.cpu))
+	for range b.f.rounds {
+		r, err := b.limitPlainNode(ctx)
+		if err != nil {
+			return err
+		}
+		plain = append(plain, r)
+	}
+	m = lowerMedian(plain, limitRound.perSecond)
+	b.print("limit_plain_node", m.perSecond(),
+		fmt.Sprintf("unit=tasks/s tasks=%d rounds=%d each=%s task_sessions=%d batch=%d (claim in order + start + 'select 0' with the session reset + finish, plain SQL, no Raft)%s",
+			b.f.tasks, len(plain), eachRate(plain), executor.DefaultShortConns, plainBatch, m.cpu))
+	return nil
+}
+
+// limitRound is one round of limit_bookkeeping or limit_plain_node.
+type limitRound struct {
+	tasks int
+	secs  float64
+	cpu   string // CPU per task, as cpuMeter.perTask renders it
+}
+
+func (r limitRound) perSecond() float64 { return float64(r.tasks) / r.secs }
+
+// eachRate lists every round's rate, in order, as the figures print it.
+func eachRate(rs []limitRound) string {
+	each := make([]string, len(rs))
+	for i, r := range rs {
+		each[i] = num(r.perSecond())
+	}
+	return strings.Join(each, ",")
+}
+
+// lowerMedian returns the round of rs in the middle by rate (the lower
+// middle one for an even count).
+func lowerMedian[T any](rs []T, rate func(T) float64) T {
+	s := slices.Clone(rs)
+	slices.SortStableFunc(s, func(x, y T) int { return cmp.Compare(rate(x), rate(y)) })
+	return s[(len(s)-1)/2]
+}
+
+// bookkeepingRound pushes --tasks tasks (not timed), then claims and
+// finishes them with plain batched SQL on one connection.
+func (b *bench) bookkeepingRound(ctx context.Context) (limitRound, error) {
 	if err := b.push(ctx, b.f.tasks, "select 0"); err != nil {
-		return err
+		return limitRound{}, err
 	}
 	before := b.cpu.sample()
-	start = time.Now()
+	start := time.Now()
 	done := 0
 	for {
 		var ids []int64
 		err := b.db.QueryRow(ctx, plainClaim, plainBatch).Scan(&ids)
 		if err != nil {
-			return err
+			return limitRound{}, err
 		}
 		if len(ids) == 0 {
 			break
 		}
 		if _, err := b.db.Exec(ctx, plainFinish, ids); err != nil {
-			return err
+			return limitRound{}, err
 		}
 		done += len(ids)
 	}
+	r := limitRound{tasks: done, secs: time.Since(start).Seconds(), cpu: b.cpu.perTask(before, b.cpu.sample(), done)}
 	if done != b.f.tasks {
-		return fmt.Errorf("limit_bookkeeping: claimed %d of the %d tasks pushed", done, b.f.tasks)
+		return r, fmt.Errorf("limit_bookkeeping: claimed %d of the %d tasks pushed", done, b.f.tasks)
 	}
-	b.print("limit_bookkeeping", float64(done)/time.Since(start).Seconds(),
-		fmt.Sprintf("unit=tasks/s tasks=%d batch=%d (claim in order + finish, plain SQL, no query run)%s", done, plainBatch,
-			b.cpu.perTask(before, b.cpu.sample(), done)))
-	if err := b.reset(ctx, false); err != nil {
-		return err
-	}
-	return b.limitPlainNode(ctx)
+	return r, b.reset(ctx, false)
 }
 
 // scaleOut: pg_sleep(0.05) tasks, each node capped at --per-node at once;

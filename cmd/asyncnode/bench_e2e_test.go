@@ -26,9 +26,10 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 		require.NoError(t, err)
 		require.Positive(t, v, "figure %s", fig)
 	}
-	// Each throughput figure is the median of its rounds (the lower one of two).
-	for _, fig := range []string{"throughput_empty", "throughput_history"} {
-		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=(\d+) unit=tasks/s nodes=1 tasks=500 rounds=2 each=(\d+),(\d+) `).FindStringSubmatch(out)
+	// Each throughput figure, and each limit it is compared with, is the
+	// median of its rounds (the lower one of two).
+	for _, fig := range []string{"throughput_empty", "throughput_history", "limit_bookkeeping", "limit_plain_node"} {
+		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=(\d+) unit=tasks/s (?:nodes=1 )?tasks=500 rounds=2 each=(\d+),(\d+) `).FindStringSubmatch(out)
 		require.NotNil(t, m, "figure %s without its two rounds:\n%s", fig, out)
 		require.Equal(t, strconv.Itoa(min(atoi(t, m[2]), atoi(t, m[3]))), m[1], "figure %s is not the median of its rounds", fig)
 	}
@@ -44,7 +45,7 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	require.Regexp(t, `(?m)^bench figure=limit_bookkeeping value=.* no query run\) server_cpu_us_per_task=[0-9.e+]+$`, out)
 	// The plain program ran every task (it fails otherwise), on as many
 	// sessions as a node uses for short tasks; bench's own CPU plays the node's.
-	require.Regexp(t, `(?m)^bench figure=limit_plain_node value=\S+ unit=tasks/s tasks=500 task_sessions=16 .* node_cpu_us_per_task=[0-9.e+]+ server_cpu_us_per_task=[0-9.e+]+$`, out)
+	require.Regexp(t, `(?m)^bench figure=limit_plain_node value=\S+ unit=tasks/s tasks=500 rounds=2 each=\S+ task_sessions=16 .* node_cpu_us_per_task=[0-9.e+]+ server_cpu_us_per_task=[0-9.e+]+$`, out)
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_consumed unit=ms nodes=1 samples=5 p50=`, out)
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_processed_history unit=ms`, out)
 	require.Regexp(t, `(?m)^bench figure=soak_rss_node1 value=\S+ \(anonymous RSS at end / after 1s\) anon_kib=[1-9]\d*,[1-9]\d* file_kib=\d+,\d+ rss_kib=[1-9]\d*,[1-9]\d* `, out)

@@ -36,20 +36,20 @@ const plainClaim = `with u as (
 const plainFinish = `update async.task set processed = clock_timestamp(), finish_status = 'FINISHED', failed = false
 	where task_id = any($1)`
 
-// limitPlainNode measures what a task's whole contract costs this server
-// when the simplest program that keeps it does the work, with no node
-// running: one session claims READY tasks in order plainBatch at a time
-// (FOR UPDATE SKIP LOCKED, setting consumed and attempt) and marks them
-// started; executor.DefaultShortConns sessions each run tasks' queries
-// followed by the executor's session reset in the same write
-// (executor.RunWithReset, as a node sends them); one session marks the finished
-// ones processed, in batches. Three row updates and one round trip per
-// task, as with a node, and nothing else: no Raft, no scheduler, no pool
-// limits, no fencing, no time-outs. The node CPU figure of its line is
-// bench's own process, which plays the node.
-func (b *bench) limitPlainNode(ctx context.Context) error {
+// limitPlainNode runs one round of limit_plain_node: what a task's whole
+// contract costs this server when the simplest program that keeps it does
+// the work, with no node running. One session claims READY tasks in order
+// plainBatch at a time (FOR UPDATE SKIP LOCKED, setting consumed and
+// attempt) and marks them started; executor.DefaultShortConns sessions
+// each run tasks' queries followed by the executor's session reset in the
+// same write (executor.RunWithReset, as a node sends them); one session
+// marks the finished ones processed, in batches. Three row updates and one
+// round trip per task, as with a node, and nothing else: no Raft, no
+// scheduler, no pool limits, no fencing, no time-outs. The node CPU figure
+// of its line is bench's own process, which plays the node.
+func (b *bench) limitPlainNode(ctx context.Context) (limitRound, error) {
 	if err := b.push(ctx, b.f.tasks, "select 0"); err != nil {
-		return err
+		return limitRound{}, err
 	}
 	sessions := executor.DefaultShortConns
 	conns := make([]*pgx.Conn, 0, sessions)
@@ -61,7 +61,7 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 	for range sessions {
 		c, err := pgx.Connect(ctx, b.dsn)
 		if err != nil {
-			return fmt.Errorf("limit_plain_node: open a task session: %w", err)
+			return limitRound{}, fmt.Errorf("limit_plain_node: open a task session: %w", err)
 		}
 		conns = append(conns, c)
 	}
@@ -170,19 +170,17 @@ func (b *bench) limitPlainNode(ctx context.Context) error {
 	for range done { // until every goroutine has ended
 	}
 	if err != nil {
-		return err
+		return limitRound{}, err
 	}
 	// Every task went through all three updates, none twice.
 	var ok int
 	if err := b.db.QueryRow(ctx, `select count(*) from async.task
 		where attempt = 1 and started is not null and processed is not null and finish_status = 'FINISHED'`).Scan(&ok); err != nil {
-		return err
+		return limitRound{}, err
 	}
 	if ok != b.f.tasks {
-		return fmt.Errorf("limit_plain_node: %d of %d tasks were claimed, started and finished once", ok, b.f.tasks)
+		return limitRound{}, fmt.Errorf("limit_plain_node: %d of %d tasks were claimed, started and finished once", ok, b.f.tasks)
 	}
-	b.print("limit_plain_node", float64(finished)/elapsed.Seconds(),
-		fmt.Sprintf("unit=tasks/s tasks=%d task_sessions=%d batch=%d (claim in order + start + 'select 0' with the session reset + finish, plain SQL, no Raft)%s",
-			finished, sessions, plainBatch, meter.perTask(before, after, finished)))
-	return b.reset(ctx, false)
+	r := limitRound{tasks: finished, secs: elapsed.Seconds(), cpu: meter.perTask(before, after, finished)}
+	return r, b.reset(ctx, false)
 }
