@@ -17,8 +17,11 @@
 //  4. Outcomes are written in batches with Store.FinishTasks (flushed when a
 //     batch is full or Config.FlushEvery after the first pending outcome),
 //     then every outcome is reported Done to the leader through the Reporter
-//     (in batches too). Failing Store or Reporter calls are retried with
-//     backoff while the executor runs: an outcome is never dropped.
+//     (in batches too, up to Config.ReportsInFlight calls at once: a call
+//     returns once the leader has committed the release, and Dones that end
+//     meanwhile should not wait for it). Failing Store or Reporter calls are
+//     retried with backoff while the executor runs: an outcome is never
+//     dropped.
 //
 // Query text (decisions D16 and D17 of docs/pgasync-semantics.md): every
 // `##flow.TASK_ID##` is replaced by the task id, and the text is sent with the
