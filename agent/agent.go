@@ -98,9 +98,19 @@ type Agent struct {
 type observer struct{ a *Agent }
 
 func (o observer) mine(as []fsm.Assignment) []fsm.Assignment {
-	var out []fsm.Assignment
+	ours := func(x fsm.Assignment) bool { return x.Node == o.a.cfg.NodeID && x.Incarnation == o.a.inc }
+	n := 0
 	for _, x := range as {
-		if x.Node == o.a.cfg.NodeID && x.Incarnation == o.a.inc {
+		if ours(x) {
+			n++
+		}
+	}
+	if n == 0 {
+		return nil
+	}
+	out := make([]fsm.Assignment, 0, n)
+	for _, x := range as {
+		if ours(x) {
 			out = append(out, x)
 		}
 	}

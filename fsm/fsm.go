@@ -332,7 +332,6 @@ func (f *FSM) applyAssign(p []byte) (Result, []func()) {
 
 func (f *FSM) assign(c Assign) (Result, []func()) {
 	var res Result
-	var added []Assignment
 	if c.Term < f.st.Term {
 		for _, a := range c.Items {
 			res.Rejected = append(res.Rejected, a.Ref())
@@ -340,6 +339,7 @@ func (f *FSM) assign(c Assign) (Result, []func()) {
 		return res, nil
 	}
 	f.st.Term = c.Term
+	added := make([]Assignment, 0, len(c.Items))
 	for _, a := range c.Items {
 		if _, held := f.st.Assign[a.TaskID]; held {
 			res.Rejected = append(res.Rejected, a.Ref())

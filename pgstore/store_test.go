@@ -906,3 +906,26 @@ func TestClaimHonoursPauseAndExclude(t *testing.T) {
 	require.Len(t, cl, 1)
 	require.Equal(t, ids[1], cl[0].TaskID)
 }
+
+// StartTasks returns the started attempts in the order of the refs asked
+// (not in task order) and leaves out the refs it fenced out.
+func TestStartTasksKeepsTheOrderAsked(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `UPDATE async.target SET max_concurrency = 6 WHERE target = 'SELF'`)
+	takeLead(t, s, 1)
+	push(t, c, "SELF", 6, "select 1")
+	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: []string{"n1", "n1", "n1", "n1", "n1", "n1"}, Now: time.Now()})
+	require.NoError(t, err)
+	require.Len(t, cl, 6)
+	fenced := pgstore.Ref{TaskID: cl[2].TaskID, Attempt: cl[2].Attempt + 1}
+	ask := refs(ref(cl[4]), ref(cl[0]), fenced, ref(cl[5]), ref(cl[1]), ref(cl[3]))
+	st, err := s.StartTasks(ctx, "n1", ask)
+	require.NoError(t, err)
+	got := make([]pgstore.Ref, len(st))
+	for i, x := range st {
+		got[i] = pgstore.Ref{TaskID: x.TaskID, Attempt: x.Attempt}
+	}
+	require.Equal(t, refs(ref(cl[4]), ref(cl[0]), ref(cl[5]), ref(cl[1]), ref(cl[3])), got)
+}

@@ -50,7 +50,7 @@ func (s *Store) ClaimTasks(ctx context.Context, req ClaimRequest) ([]Claimed, er
 	if exclude == nil {
 		exclude = []int64{}
 	}
-	var out []Claimed
+	out := make([]Claimed, 0, len(req.Slots))
 	// On s.claims: planned afresh at every call (see Open).
 	err := s.fencedOn(ctx, s.claims, "claim tasks", req.Term, func(b *pgx.Batch) {
 		b.Queue(qClaimTasks, req.Now, req.Slots, names, running, exclude).Query(func(rows pgx.Rows) error {
@@ -97,23 +97,30 @@ func (s *Store) StartTasks(ctx context.Context, node string, refs []Ref) ([]Star
 	if err != nil {
 		return nil, s.wrap("start tasks", err)
 	}
-	got := map[Ref]StartedTask{}
+	// Rows come back in any order: each goes to its ref's place, and the
+	// places of fenced-out refs are dropped after.
+	pos := make(map[Ref]int, len(refs))
+	for i, r := range refs {
+		pos[r] = i
+	}
+	placed := make([]StartedTask, len(refs))
 	for rows.Next() {
 		var t StartedTask
 		if err := rows.Scan(&t.TaskID, &t.Attempt, &t.Query, &t.Target, &t.ConnStr, &t.Async, &t.Deadline); err != nil {
 			rows.Close()
 			return nil, s.wrap("start tasks", err)
 		}
-		got[Ref{t.TaskID, t.Attempt}] = t
+		if i, ok := pos[Ref{t.TaskID, t.Attempt}]; ok {
+			placed[i] = t
+		}
 	}
 	if err := rows.Err(); err != nil {
 		return nil, s.wrap("start tasks", err)
 	}
-	out := make([]StartedTask, 0, len(got))
-	for _, r := range refs {
-		if t, ok := got[r]; ok {
+	out := placed[:0]
+	for _, t := range placed {
+		if t.TaskID != 0 {
 			out = append(out, t)
-			delete(got, r)
 		}
 	}
 	return out, nil
