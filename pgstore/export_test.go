@@ -7,3 +7,6 @@ func (s *Store) ClaimsPool() *pgxpool.Pool { return s.claims }
 
 // LookupsPool exposes the pool that runs the lookups by task id.
 func (s *Store) LookupsPool() *pgxpool.Pool { return s.lookups }
+
+// InRefOrder exposes inRefOrder to the tests.
+func InRefOrder(refs []Ref, got []StartedTask) []StartedTask { return inRefOrder(refs, got) }

@@ -929,3 +929,20 @@ func TestStartTasksKeepsTheOrderAsked(t *testing.T) {
 	}
 	require.Equal(t, refs(ref(cl[4]), ref(cl[0]), ref(cl[5]), ref(cl[1]), ref(cl[3])), got)
 }
+
+// Whatever order the server returns the started rows in, they are put in
+// the order asked; refs without a row, and rows nobody asked for, are
+// left out.
+func TestInRefOrder(t *testing.T) {
+	r := func(id int64) pgstore.Ref { return pgstore.Ref{TaskID: id, Attempt: 1} }
+	st := func(id int64) pgstore.StartedTask {
+		return pgstore.StartedTask{TaskID: id, Attempt: 1, Query: "select 1"}
+	}
+	got := pgstore.InRefOrder([]pgstore.Ref{r(5), r(1), r(9), r(3)},
+		[]pgstore.StartedTask{st(1), st(3), st(5), st(7)})
+	require.Equal(t, []pgstore.StartedTask{st(5), st(1), st(3)}, got)
+	require.Empty(t, pgstore.InRefOrder([]pgstore.Ref{r(2)}, nil))
+	require.Empty(t, pgstore.InRefOrder(nil, []pgstore.StartedTask{st(2)}))
+	// Another attempt of the same task is not the one asked for.
+	require.Empty(t, pgstore.InRefOrder([]pgstore.Ref{{TaskID: 4, Attempt: 2}}, []pgstore.StartedTask{st(4)}))
+}

@@ -97,33 +97,42 @@ func (s *Store) StartTasks(ctx context.Context, node string, refs []Ref) ([]Star
 	if err != nil {
 		return nil, s.wrap("start tasks", err)
 	}
-	// Rows come back in any order: each goes to its ref's place, and the
-	// places of fenced-out refs are dropped after.
-	pos := make(map[Ref]int, len(refs))
-	for i, r := range refs {
-		pos[r] = i
-	}
-	placed := make([]StartedTask, len(refs))
+	got := make([]StartedTask, 0, len(refs))
 	for rows.Next() {
 		var t StartedTask
 		if err := rows.Scan(&t.TaskID, &t.Attempt, &t.Query, &t.Target, &t.ConnStr, &t.Async, &t.Deadline); err != nil {
 			rows.Close()
 			return nil, s.wrap("start tasks", err)
 		}
-		if i, ok := pos[Ref{t.TaskID, t.Attempt}]; ok {
-			placed[i] = t
-		}
+		got = append(got, t)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, s.wrap("start tasks", err)
 	}
+	return inRefOrder(refs, got), nil
+}
+
+// inRefOrder returns the tasks of got in the order of refs; refs without
+// a task (fenced out) are left out, and so are tasks no ref asked for.
+// The server returns an UPDATE's rows in whatever order its plan makes.
+func inRefOrder(refs []Ref, got []StartedTask) []StartedTask {
+	pos := make(map[Ref]int, len(refs))
+	for i, r := range refs {
+		pos[r] = i
+	}
+	placed := make([]StartedTask, len(refs))
+	for _, t := range got {
+		if i, ok := pos[Ref{t.TaskID, t.Attempt}]; ok {
+			placed[i] = t
+		}
+	}
 	out := placed[:0]
 	for _, t := range placed {
-		if t.TaskID != 0 {
+		if t.TaskID != 0 { // task ids start at 1
 			out = append(out, t)
 		}
 	}
-	return out, nil
+	return out
 }
 
 // FinishTasks records the outcomes of node's attempts in one statement,
