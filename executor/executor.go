@@ -783,7 +783,7 @@ func (e *Executor) reportLoop(ctx context.Context) {
 	var calls sync.WaitGroup
 	defer calls.Wait()
 	free := make(chan struct{}, e.cfg.ReportsInFlight)
-	for {
+	for ctx.Err() == nil {
 		// A place first, then the batch: Dones that end while every place
 		// is taken go out together in the next call.
 		select {

@@ -50,7 +50,9 @@ func (s *Store) ClaimTasks(ctx context.Context, req ClaimRequest) ([]Claimed, er
 	if exclude == nil {
 		exclude = []int64{}
 	}
-	out := make([]Claimed, 0, len(req.Slots))
+	// Not sized to len(req.Slots): an idle leader claims with every slot
+	// free several times a second and gets nothing back.
+	var out []Claimed
 	// On s.claims: planned afresh at every call (see Open).
 	err := s.fencedOn(ctx, s.claims, "claim tasks", req.Term, func(b *pgx.Batch) {
 		b.Queue(qClaimTasks, req.Now, req.Slots, names, running, exclude).Query(func(rows pgx.Rows) error {
