@@ -376,18 +376,16 @@ func (b *bench) throughput(ctx context.Context, label string) error {
 	}
 	rate := func(r round) float64 { return float64(b.f.tasks) / r.secs }
 	rounds := make([]round, 0, b.f.rounds)
-	each := make([]string, 0, b.f.rounds)
 	for i := range b.f.rounds {
 		secs, wall, cpu, err := b.throughputRound(ctx, label, i == 0 && b.f.profileSeconds > 0)
 		if err != nil {
 			return err
 		}
 		rounds = append(rounds, round{secs, wall, cpu})
-		each = append(each, num(rate(rounds[i])))
 	}
 	m := lowerMedian(rounds, rate)
 	b.print("throughput_"+label, rate(m), fmt.Sprintf("unit=tasks/s nodes=%d tasks=%d rounds=%d each=%s seconds=%.3f wall=%s%s",
-		b.nodes, b.f.tasks, len(each), strings.Join(each, ","), m.secs, m.wall.Round(time.Millisecond), m.cpu))
+		b.nodes, b.f.tasks, len(rounds), eachRate(rounds, rate), m.secs, m.wall.Round(time.Millisecond), m.cpu))
 	return nil
 }
 
@@ -600,29 +598,30 @@ func (b *bench) limits(ctx context.Context) error {
 	// Like throughput_*, the two task limits are the median of --rounds
 	// rounds: a single round swings with the machine as much as one round
 	// of the cluster does, and the ratios divide by them.
-	var book, plain []limitRound
+	if err := b.limitFigure(ctx, "limit_bookkeeping", b.bookkeepingRound,
+		fmt.Sprintf("batch=%d (claim in order + finish, plain SQL, no query run)", plainBatch)); err != nil {
+		return err
+	}
+	return b.limitFigure(ctx, "limit_plain_node", b.limitPlainNode,
+		fmt.Sprintf("task_sessions=%d batch=%d (claim in order + start + 'select 0' with the session reset + finish, plain SQL, no Raft)",
+			executor.DefaultShortConns, plainBatch))
+}
+
+// limitFigure runs round --rounds times and prints the figure name as the
+// median round, with every round's rate, then detail and the median
+// round's CPU per task.
+func (b *bench) limitFigure(ctx context.Context, name string, round func(context.Context) (limitRound, error), detail string) error {
+	rounds := make([]limitRound, 0, b.f.rounds)
 	for range b.f.rounds {
-		r, err := b.bookkeepingRound(ctx)
+		r, err := round(ctx)
 		if err != nil {
 			return err
 		}
-		book = append(book, r)
+		rounds = append(rounds, r)
 	}
-	m := lowerMedian(book, limitRound.perSecond)
-	b.print("limit_bookkeeping", m.perSecond(),
-		fmt.Sprintf("unit=tasks/s tasks=%d rounds=%d each=%s batch=%d (claim in order + finish, plain SQL, no query run)%s",
-			b.f.tasks, len(book), eachRate(book), plainBatch, m.cpu))
-	for range b.f.rounds {
-		r, err := b.limitPlainNode(ctx)
-		if err != nil {
-			return err
-		}
-		plain = append(plain, r)
-	}
-	m = lowerMedian(plain, limitRound.perSecond)
-	b.print("limit_plain_node", m.perSecond(),
-		fmt.Sprintf("unit=tasks/s tasks=%d rounds=%d each=%s task_sessions=%d batch=%d (claim in order + start + 'select 0' with the session reset + finish, plain SQL, no Raft)%s",
-			b.f.tasks, len(plain), eachRate(plain), executor.DefaultShortConns, plainBatch, m.cpu))
+	m := lowerMedian(rounds, limitRound.perSecond)
+	b.print(name, m.perSecond(), fmt.Sprintf("unit=tasks/s tasks=%d rounds=%d each=%s %s%s",
+		b.f.tasks, len(rounds), eachRate(rounds, limitRound.perSecond), detail, m.cpu))
 	return nil
 }
 
@@ -636,10 +635,10 @@ type limitRound struct {
 func (r limitRound) perSecond() float64 { return float64(r.tasks) / r.secs }
 
 // eachRate lists every round's rate, in order, as the figures print it.
-func eachRate(rs []limitRound) string {
+func eachRate[T any](rs []T, rate func(T) float64) string {
 	each := make([]string, len(rs))
 	for i, r := range rs {
-		each[i] = num(r.perSecond())
+		each[i] = num(rate(r))
 	}
 	return strings.Join(each, ",")
 }
