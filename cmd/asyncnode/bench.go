@@ -63,7 +63,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	fs.StringVar(&f.dsn, "bench-dsn", "", "server database to benchmark in (it must hold no tasks; bench sets control.workers and SELF's limit to 1000 there; default: a throwaway PostgreSQL)")
 	fs.IntVar(&f.nodes, "nodes", 1, "nodes for the throughput and latency figures (1 or more; 3 adds a second round on 3 nodes when 1 is given with --scale-out)")
 	fs.IntVar(&f.tasks, "tasks", 20000, "trivial tasks pushed in one statement for the throughput figure")
-	fs.IntVar(&f.rounds, "rounds", 3, "rounds of each throughput figure and of limit_bookkeeping and limit_plain_node (1-20); the figure is their median, each round's rate is printed too")
+	fs.IntVar(&f.rounds, "rounds", 3, "rounds of each throughput figure and of limit_bookkeeping and limit_plain_node (1-20); the figure is their median, each round's rate is printed too; throughput_empty and the limits are measured side by side, round by round")
 	fs.IntVar(&f.clients, "clients", 4, "connections for the continuous push and the round-trip limit")
 	fs.DurationVar(&f.push, "push-for", 5*time.Second, "how long the clients push continuously")
 	fs.IntVar(&f.samples, "samples", 200, "single tasks pushed one at a time for the latency figures")
@@ -179,16 +179,10 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	}
 	defer b.stopCluster()
 
-	if err := b.limits(ctx); err != nil {
+	if err := b.roundTrips(ctx); err != nil {
 		return err
 	}
-	if err := b.startCluster(ctx, b.f.nodes); err != nil {
-		return err
-	}
-	if err := b.warmUp(ctx, min(b.f.tasks, 2000), "select 0"); err != nil {
-		return err
-	}
-	if err := b.throughput(ctx, "empty"); err != nil {
+	if err := b.sideBySide(ctx); err != nil {
 		return err
 	}
 	if err := b.continuous(ctx); err != nil {
@@ -219,8 +213,6 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 			return err
 		}
 	}
-	b.ratio("throughput_vs_bookkeeping_limit", "throughput_empty", "limit_bookkeeping")
-	b.ratio("throughput_vs_plain_node_limit", "throughput_empty", "limit_plain_node")
 	// Leave no task behind (a --bench-dsn database must be reusable).
 	if err := b.reset(ctx, false); err != nil {
 		return err
@@ -365,37 +357,47 @@ func (b *bench) reset(ctx context.Context, keepHistory bool) error {
 	return err
 }
 
+// tpRound is one round of a throughput figure.
+type tpRound struct {
+	tasks int
+	secs  float64 // first entered to last processed
+	wall  time.Duration
+	cpu   string // CPU per task, as cpuMeter.perTask renders it
+}
+
+func (r tpRound) perSecond() float64 { return float64(r.tasks) / r.secs }
+
 // throughput: K trivial tasks in one statement, push → last processed,
 // --rounds times; the figure is the median round (one 2-second round
 // varied by 15 % and more from run to run on the development machine).
 func (b *bench) throughput(ctx context.Context, label string) error {
-	type round struct {
-		secs float64 // first entered to last processed
-		wall time.Duration
-		cpu  string // CPU per task, as cpuMeter.perTask renders it
-	}
-	rate := func(r round) float64 { return float64(b.f.tasks) / r.secs }
-	rounds := make([]round, 0, b.f.rounds)
+	rounds := make([]tpRound, 0, b.f.rounds)
 	for i := range b.f.rounds {
-		secs, wall, cpu, err := b.throughputRound(ctx, label, i == 0 && b.f.profileSeconds > 0)
+		r, err := b.throughputRound(ctx, label, i == 0 && b.f.profileSeconds > 0)
 		if err != nil {
 			return err
 		}
-		rounds = append(rounds, round{secs, wall, cpu})
+		rounds = append(rounds, r)
 	}
-	m := lowerMedian(rounds, rate)
-	b.print("throughput_"+label, rate(m), fmt.Sprintf("unit=tasks/s nodes=%d tasks=%d rounds=%d each=%s seconds=%.3f wall=%s%s",
-		b.nodes, b.f.tasks, len(rounds), eachRate(rounds, rate), m.secs, m.wall.Round(time.Millisecond), m.cpu))
+	b.printThroughput(label, rounds)
 	return nil
+}
+
+// printThroughput prints throughput_<label> as the median of rounds.
+func (b *bench) printThroughput(label string, rounds []tpRound) {
+	m := lowerMedian(rounds, tpRound.perSecond)
+	b.print("throughput_"+label, m.perSecond(), fmt.Sprintf("unit=tasks/s nodes=%d tasks=%d rounds=%d each=%s seconds=%.3f wall=%s%s",
+		b.nodes, b.f.tasks, len(rounds), eachRate(rounds, tpRound.perSecond), m.secs, m.wall.Round(time.Millisecond), m.cpu))
 }
 
 // throughputRound pushes --tasks trivial tasks in one statement and waits
 // until all are processed: the seconds from the first entered to the last
 // processed, the wall time of the round, and the CPU per task from the
 // end of the push to the end of the wait (cpuMeter.perTask).
-func (b *bench) throughputRound(ctx context.Context, label string, profile bool) (secs float64, wall time.Duration, cpu string, err error) {
+func (b *bench) throughputRound(ctx context.Context, label string, profile bool) (tpRound, error) {
+	r := tpRound{tasks: b.f.tasks}
 	if err := b.reset(ctx, true); err != nil {
-		return 0, 0, "", err
+		return r, err
 	}
 	var prof sync.WaitGroup
 	if profile {
@@ -410,21 +412,19 @@ func (b *bench) throughputRound(ctx context.Context, label string, profile bool)
 	defer prof.Wait()
 	start := time.Now()
 	if err := b.push(ctx, b.f.tasks, "select 0"); err != nil {
-		return 0, 0, "", err
+		return r, err
 	}
 	// From the end of the push, as limit_bookkeeping counts from the end
 	// of its own: the work of claiming, running and finishing the tasks.
 	before := b.cpu.sample()
 	if err := b.waitDrained(ctx, 10*time.Minute); err != nil {
-		return 0, 0, "", err
+		return r, err
 	}
-	wall = time.Since(start)
-	cpu = b.cpu.perTask(before, b.cpu.sample(), b.f.tasks)
-	if err := b.db.QueryRow(ctx, `select extract(epoch from max(processed) - min(entered))::float8 from async.task
-		where source is distinct from 'bench history'`).Scan(&secs); err != nil {
-		return 0, 0, "", err
-	}
-	return secs, wall, cpu, nil
+	r.wall = time.Since(start)
+	r.cpu = b.cpu.perTask(before, b.cpu.sample(), b.f.tasks)
+	err := b.db.QueryRow(ctx, `select extract(epoch from max(processed) - min(entered))::float8 from async.task
+		where source is distinct from 'bench history'`).Scan(&r.secs)
+	return r, err
 }
 
 func (b *bench) profile(ctx context.Context, c *localNode, label string) {
@@ -565,11 +565,9 @@ func (b *bench) addHistory(ctx context.Context) error {
 	return nil
 }
 
-// limits measures, on the same PostgreSQL with no node running: trivial
-// round trips over the same number of connections, the bookkeeping
-// (claim a batch in order, mark it finished) done as plain batched SQL, and
-// a task's whole contract done by the plainest program (limitPlainNode).
-func (b *bench) limits(ctx context.Context) error {
+// roundTrips measures limit_roundtrips: trivial round trips over the same
+// number of connections, on the same PostgreSQL, with no node running.
+func (b *bench) roundTrips(ctx context.Context) error {
 	var n atomic.Int64
 	var wg sync.WaitGroup
 	lctx, cancel := context.WithTimeout(ctx, 3*time.Second)
@@ -594,35 +592,98 @@ func (b *bench) limits(ctx context.Context) error {
 	wg.Wait()
 	b.print("limit_roundtrips", float64(n.Load())/time.Since(start).Seconds(),
 		fmt.Sprintf("unit=queries/s connections=%d query='select 0'", b.f.clients))
-
-	// Like throughput_*, the two task limits are the median of --rounds
-	// rounds: a single round swings with the machine as much as one round
-	// of the cluster does, and the ratios divide by them.
-	if err := b.limitFigure(ctx, "limit_bookkeeping", b.bookkeepingRound,
-		fmt.Sprintf("batch=%d (claim in order + finish, plain SQL, no query run)", plainBatch)); err != nil {
-		return err
-	}
-	return b.limitFigure(ctx, "limit_plain_node", b.limitPlainNode,
-		fmt.Sprintf("task_sessions=%d batch=%d (claim in order + start + 'select 0' with the session reset + finish, plain SQL, no Raft)",
-			executor.DefaultShortConns, plainBatch))
+	return nil
 }
 
-// limitFigure runs round --rounds times and prints the figure name as the
-// median round, with every round's rate, then detail and the median
-// round's CPU per task.
-func (b *bench) limitFigure(ctx context.Context, name string, round func(context.Context) (limitRound, error), detail string) error {
-	rounds := make([]limitRound, 0, b.f.rounds)
-	for range b.f.rounds {
-		r, err := round(ctx)
+// sideBySide measures throughput_empty and the two task limits it is
+// compared with, round by round: each round runs the bookkeeping done as
+// plain batched SQL (limit_bookkeeping) and the plainest program that
+// keeps a task's contract (limitPlainNode) with no node running, and one
+// throughput round on a cluster started (and warmed up) for it, within
+// seconds of each other. Every figure is the median of its rounds, and
+// each ratio the median of the rounds' own ratios, so that the machine's
+// drift between figures measured minutes apart (on the development
+// machine the same binary drained 11,000 and 18,000 tasks/s within
+// minutes) does not enter the ratios. Even rounds run the limits first,
+// odd rounds the cluster first. The cluster is left running.
+func (b *bench) sideBySide(ctx context.Context) error {
+	n := b.f.rounds
+	bk, plain := make([]limitRound, 0, n), make([]limitRound, 0, n)
+	tp := make([]tpRound, 0, n)
+	limits := func() error {
+		b.stopCluster()
+		r, err := b.bookkeepingRound(ctx)
 		if err != nil {
 			return err
 		}
-		rounds = append(rounds, r)
+		bk = append(bk, r)
+		if r, err = b.limitPlainNode(ctx); err != nil {
+			return err
+		}
+		plain = append(plain, r)
+		return nil
 	}
+	cluster := func(i int) error {
+		if b.lc == nil {
+			if err := b.startCluster(ctx, b.f.nodes); err != nil {
+				return err
+			}
+			if err := b.warmUp(ctx, min(b.f.tasks, 2000), "select 0"); err != nil {
+				return err
+			}
+		}
+		r, err := b.throughputRound(ctx, "empty", i == 0 && b.f.profileSeconds > 0)
+		if err != nil {
+			return err
+		}
+		tp = append(tp, r)
+		return nil
+	}
+	for i := range n {
+		first, second := limits, func() error { return cluster(i) }
+		if i%2 == 1 {
+			first, second = second, first
+		}
+		if err := first(); err != nil {
+			return err
+		}
+		if err := second(); err != nil {
+			return err
+		}
+	}
+	b.printLimit("limit_bookkeeping", bk, fmt.Sprintf("batch=%d (claim in order + finish, plain SQL, no query run)", plainBatch))
+	b.printLimit("limit_plain_node", plain, fmt.Sprintf("task_sessions=%d batch=%d (claim in order + start + 'select 0' with the session reset + finish, plain SQL, no Raft)",
+		executor.DefaultShortConns, plainBatch))
+	b.printThroughput("empty", tp)
+	b.roundRatio("throughput_vs_bookkeeping_limit", "limit_bookkeeping", tp, bk)
+	b.roundRatio("throughput_vs_plain_node_limit", "limit_plain_node", tp, plain)
+	if b.lc == nil { // the last round measured the limits
+		if err := b.startCluster(ctx, b.f.nodes); err != nil {
+			return err
+		}
+		return b.warmUp(ctx, min(b.f.tasks, 2000), "select 0")
+	}
+	return nil
+}
+
+// roundRatio prints name as the median over rounds of throughput_empty's
+// round divided by the limit's round of the same round.
+func (b *bench) roundRatio(name, limit string, tp []tpRound, lim []limitRound) {
+	ratios := make([]float64, len(tp))
+	for i := range tp {
+		ratios[i] = tp[i].perSecond() / lim[i].perSecond()
+	}
+	ident := func(v float64) float64 { return v }
+	b.print(name, lowerMedian(ratios, ident), fmt.Sprintf("rounds=%d each=%s (median over rounds of throughput_empty / %s, each pair measured in the same round)",
+		len(ratios), eachRate(ratios, ident), limit))
+}
+
+// printLimit prints the figure name as the median of rounds, with every
+// round's rate, then detail and the median round's CPU per task.
+func (b *bench) printLimit(name string, rounds []limitRound, detail string) {
 	m := lowerMedian(rounds, limitRound.perSecond)
 	b.print(name, m.perSecond(), fmt.Sprintf("unit=tasks/s tasks=%d rounds=%d each=%s %s%s",
 		b.f.tasks, len(rounds), eachRate(rounds, limitRound.perSecond), detail, m.cpu))
-	return nil
 }
 
 // limitRound is one round of limit_bookkeeping or limit_plain_node.

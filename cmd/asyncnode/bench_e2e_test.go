@@ -4,6 +4,7 @@ import (
 	"context"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -33,6 +34,21 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 		require.NotNil(t, m, "figure %s without its two rounds:\n%s", fig, out)
 		require.Equal(t, strconv.Itoa(min(atoi(t, m[2]), atoi(t, m[3]))), m[1], "figure %s is not the median of its rounds", fig)
 	}
+	// Each ratio to a limit is the median of the rounds' own ratios:
+	// throughput_empty's round i over the limit's round i (measured side by
+	// side), not the ratio of the two medians.
+	tp := roundRates(t, out, "throughput_empty")
+	for fig, limit := range map[string]string{"throughput_vs_bookkeeping_limit": "limit_bookkeeping", "throughput_vs_plain_node_limit": "limit_plain_node"} {
+		lim := roundRates(t, out, limit)
+		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=(\S+) rounds=2 each=(\S+),(\S+) `).FindStringSubmatch(out)
+		require.NotNil(t, m, "figure %s without its two rounds:\n%s", fig, out)
+		each := []float64{atof(t, m[2]), atof(t, m[3])}
+		for i := range each {
+			// The rates are printed rounded to whole tasks/s.
+			require.InEpsilon(t, tp[i]/lim[i], each[i], 0.01, "%s round %d is not throughput_empty / %s of that round", fig, i, limit)
+		}
+		require.Equal(t, min(each[0], each[1]), atof(t, m[1]), "figure %s is not the median of its rounds", fig)
+	}
 	// CPU per task (Linux /proc): the nodes' and the throwaway server's; a
 	// round of 500 tasks costs the server tens of milliseconds.
 	for _, fig := range []string{"throughput_empty", "throughput_history"} {
@@ -50,6 +66,25 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_processed_history unit=ms`, out)
 	require.Regexp(t, `(?m)^bench figure=soak_rss_node1 value=\S+ \(anonymous RSS at end / after 1s\) anon_kib=[1-9]\d*,[1-9]\d* file_kib=\d+,\d+ rss_kib=[1-9]\d*,[1-9]\d* `, out)
 	require.Regexp(t, `(?m)^bench summary nodes=\d+ throughput_empty=`, out)
+}
+
+// roundRates returns the each= list of a figure's line.
+func roundRates(t *testing.T, out, fig string) []float64 {
+	t.Helper()
+	m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=\S+ .*? each=(\S+) `).FindStringSubmatch(out)
+	require.NotNil(t, m, "figure %s without its rounds:\n%s", fig, out)
+	var rates []float64
+	for _, r := range strings.Split(m[1], ",") {
+		rates = append(rates, atof(t, r))
+	}
+	return rates
+}
+
+func atof(t *testing.T, s string) float64 {
+	t.Helper()
+	v, err := strconv.ParseFloat(s, 64)
+	require.NoError(t, err)
+	return v
 }
 
 func atoi(t *testing.T, s string) int {
