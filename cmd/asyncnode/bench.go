@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -45,14 +47,22 @@ type benchFlags struct {
 type bench struct {
 	f      benchFlags
 	out    io.Writer
-	db     *pgxpool.Pool
+	db     *pgxpool.Pool // the database of the current figure: main or hist
 	dsn    string
+	main   benchDB
+	hist   benchDB // with --history: a second database, on the same server
 	dir    string
 	lc     *localCluster
 	nodes  int
 	lines  []string
 	figure map[string]float64
 	cpu    cpuMeter
+}
+
+// benchDB is one database bench measures in.
+type benchDB struct {
+	dsn string
+	db  *pgxpool.Pool
 }
 
 // cmdBench measures throughput, latency and the machine's own limit on the
@@ -67,7 +77,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	fs.IntVar(&f.clients, "clients", 4, "connections for the continuous push and the round-trip limit")
 	fs.DurationVar(&f.push, "push-for", 5*time.Second, "how long the clients push continuously")
 	fs.IntVar(&f.samples, "samples", 200, "single tasks pushed one at a time for the latency figures")
-	fs.IntVar(&f.history, "history", 0, "finished tasks to add to the history before measuring again (e.g. 1000000)")
+	fs.IntVar(&f.history, "history", 0, "finished tasks in a second database, created beside the benchmark database and dropped at the end, where throughput_history runs round by round beside throughput_empty (e.g. 1000000)")
 	fs.BoolVar(&f.scaleOut, "scale-out", false, "also measure 1 node vs 3 nodes on pg_sleep(0.05) tasks with --per-node slots each")
 	fs.IntVar(&f.sleepTasks, "sleep-tasks", 600, "pg_sleep(0.05) tasks for the scale-out figure")
 	fs.IntVar(&f.perNode, "per-node", 8, "tasks each node runs at once in the scale-out figure (--max-tasks)")
@@ -173,9 +183,16 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 			fmt.Fprintf(b.out, "bench: node logs kept in %s\n", b.dir)
 		}
 	}()
-	// Generous limits: the figures measure the machinery, not a pool cap.
-	if _, err := b.db.Exec(ctx, `select async.configure('{"control":{"workers":1000},"targets":[{"target":"SELF","max_concurrency":1000}]}')`); err != nil {
+	if err := configureBench(ctx, b.db); err != nil {
 		return err
+	}
+	b.main = benchDB{dsn: b.dsn, db: b.db}
+	if b.f.history > 0 {
+		drop, err := b.openHistory(ctx, log)
+		if err != nil {
+			return err
+		}
+		defer drop() // after the cluster has stopped (deferred below)
 	}
 	defer b.stopCluster()
 
@@ -192,28 +209,29 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 		return err
 	}
 	if b.f.history > 0 {
-		if err := b.addHistory(ctx); err != nil {
-			return err
-		}
-		if err := b.throughput(ctx, "history"); err != nil {
+		if err := b.use(ctx, b.hist); err != nil {
 			return err
 		}
 		if err := b.latency(ctx, "history"); err != nil {
 			return err
 		}
-		b.ratio("history_vs_empty", "throughput_history", "throughput_empty")
 	}
 	if b.f.soak > 0 {
+		if err := b.use(ctx, b.main); err != nil {
+			return err
+		}
 		if err := b.soakRound(ctx); err != nil {
 			return err
 		}
 	}
 	if b.f.scaleOut {
+		b.switchTo(b.main)
 		if err := b.scaleOut(ctx); err != nil {
 			return err
 		}
 	}
 	// Leave no task behind (a --bench-dsn database must be reusable).
+	b.switchTo(b.main)
 	if err := b.reset(ctx, false); err != nil {
 		return err
 	}
@@ -244,14 +262,6 @@ func (b *bench) print(name string, v float64, detail string) {
 	fmt.Fprintf(b.out, "bench figure=%s value=%s %s\n", name, num(v), detail)
 }
 
-func (b *bench) ratio(name, a, c string) {
-	if b.figure[c] > 0 {
-		if _, ok := b.figure[a]; ok {
-			b.print(name, b.figure[a]/b.figure[c], fmt.Sprintf("(%s / %s)", a, c))
-		}
-	}
-}
-
 func (b *bench) startCluster(ctx context.Context, n int, extra ...string) error {
 	b.stopCluster()
 	dir, err := os.MkdirTemp(b.dir, "cluster-")
@@ -278,6 +288,112 @@ func (b *bench) stopCluster() {
 		b.lc.stop()
 		b.lc = nil
 	}
+}
+
+// switchTo makes d the database of the figures that follow, stopping the
+// cluster of the other one.
+func (b *bench) switchTo(d benchDB) {
+	if b.dsn != d.dsn {
+		b.stopCluster()
+		b.dsn, b.db = d.dsn, d.db
+	}
+}
+
+// use switches to d and makes sure a cluster of --nodes nodes runs on it,
+// started and warmed up if it was not running.
+func (b *bench) use(ctx context.Context, d benchDB) error {
+	b.switchTo(d)
+	if b.lc != nil {
+		return nil
+	}
+	if err := b.startCluster(ctx, b.f.nodes); err != nil {
+		return err
+	}
+	return b.warmUp(ctx, min(b.f.tasks, 2000), "select 0")
+}
+
+// configureBench sets generous limits in db: the figures measure the
+// machinery, not a pool cap.
+func configureBench(ctx context.Context, db *pgxpool.Pool) error {
+	_, err := db.Exec(ctx, `select async.configure('{"control":{"workers":1000},"targets":[{"target":"SELF","max_concurrency":1000}]}')`)
+	return err
+}
+
+// openHistory creates the history database next to the benchmark
+// database (same server, its name with "_history" appended), installs the
+// schema, configures it as the main one and fills its history
+// (addHistory). throughput_history then runs there, round by round beside
+// throughput_empty in the main one. drop removes it; call it once no
+// cluster uses it.
+func (b *bench) openHistory(ctx context.Context, log hclog.Logger) (drop func(), err error) {
+	var name string
+	if err := b.db.QueryRow(ctx, "select current_database() || '_history'").Scan(&name); err != nil {
+		return nil, err
+	}
+	ident := pgx.Identifier{name}.Sanitize()
+	if _, err := b.db.Exec(ctx, "create database "+ident); err != nil {
+		return nil, fmt.Errorf("--history: create the history database %s on the benchmark's server (bench creates it and drops it at the end; it must not exist, and the role needs CREATEDB): %w", ident, err)
+	}
+	drop = func() {
+		if b.hist.db != nil {
+			b.hist.db.Close()
+		}
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if _, err := b.main.db.Exec(dctx, "drop database if exists "+ident+" with (force)"); err != nil {
+			fmt.Fprintf(b.out, "bench: drop the history database %s: %v\n", ident, err)
+		}
+	}
+	fail := func(err error) (func(), error) {
+		drop()
+		return nil, err
+	}
+	dsn, err := withDatabase(b.dsn, name)
+	if err != nil {
+		return fail(err)
+	}
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return fail(fmt.Errorf("history database: %s", pgstore.MaskDSN(err.Error())))
+	}
+	if cfg.ConnConfig.Database != name {
+		return fail(fmt.Errorf("history database: the benchmark DSN %s names database %q, not %q, with dbname changed", pgstore.MaskDSN(dsn), cfg.ConnConfig.Database, name))
+	}
+	cfg.MaxConns = int32(b.f.clients + 4)
+	db, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return fail(err)
+	}
+	b.hist = benchDB{dsn: dsn, db: db}
+	if _, err := pgstore.Migrate(ctx, dsn, log); err != nil {
+		return fail(err)
+	}
+	if err := configureBench(ctx, db); err != nil {
+		return fail(err)
+	}
+	b.switchTo(b.hist)
+	defer b.switchTo(b.main)
+	if err := b.addHistory(ctx); err != nil {
+		return fail(err)
+	}
+	return drop, nil
+}
+
+// withDatabase returns dsn (a URL or keyword/value connection string)
+// naming database name instead of its own.
+func withDatabase(dsn, name string) (string, error) {
+	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
+		u, err := url.Parse(dsn)
+		if err != nil {
+			return "", fmt.Errorf("history database: parse the benchmark DSN: %s", pgstore.MaskDSN(err.Error()))
+		}
+		u.Path = "/" + name
+		u.RawPath = ""
+		return u.String(), nil
+	}
+	// A later keyword overrides an earlier one.
+	quoted := strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(name)
+	return dsn + " dbname='" + quoted + "'", nil
 }
 
 // push pushes n tasks of query on SELF in one statement. They carry no
@@ -366,22 +482,6 @@ type tpRound struct {
 }
 
 func (r tpRound) perSecond() float64 { return float64(r.tasks) / r.secs }
-
-// throughput: K trivial tasks in one statement, push → last processed,
-// --rounds times; the figure is the median round (one 2-second round
-// varied by 15 % and more from run to run on the development machine).
-func (b *bench) throughput(ctx context.Context, label string) error {
-	rounds := make([]tpRound, 0, b.f.rounds)
-	for i := range b.f.rounds {
-		r, err := b.throughputRound(ctx, label, i == 0 && b.f.profileSeconds > 0)
-		if err != nil {
-			return err
-		}
-		rounds = append(rounds, r)
-	}
-	b.printThroughput(label, rounds)
-	return nil
-}
 
 // printThroughput prints throughput_<label> as the median of rounds.
 func (b *bench) printThroughput(label string, rounds []tpRound) {
@@ -595,22 +695,24 @@ func (b *bench) roundTrips(ctx context.Context) error {
 	return nil
 }
 
-// sideBySide measures throughput_empty and the two task limits it is
-// compared with, round by round: each round runs the bookkeeping done as
-// plain batched SQL (limit_bookkeeping) and the plainest program that
-// keeps a task's contract (limitPlainNode) with no node running, and one
-// throughput round on a cluster started (and warmed up) for it, within
-// seconds of each other. Every figure is the median of its rounds, and
-// each ratio the median of the rounds' own ratios, so that the machine's
-// drift between figures measured minutes apart (on the development
-// machine the same binary drained 11,000 and 18,000 tasks/s within
-// minutes) does not enter the ratios. Even rounds run the limits first,
-// odd rounds the cluster first. The cluster is left running.
+// sideBySide measures throughput_empty, the two task limits it is
+// compared with and, with --history, throughput_history, round by round:
+// each round runs the bookkeeping done as plain batched SQL
+// (limit_bookkeeping) and the plainest program that keeps a task's
+// contract (limitPlainNode) with no node running, one throughput round on
+// a cluster started (and warmed up) for it on the main database and, with
+// --history, one on a cluster on the history database, within seconds of
+// each other. Every figure is the median of its rounds, and each ratio
+// the median of the rounds' own ratios, so that the machine's drift
+// between figures measured minutes apart (on the development machine the
+// same binary drained 11,000 and 18,000 tasks/s within minutes) does not
+// enter the ratios. Even rounds run limits, empty, history; odd rounds
+// the reverse. A cluster on the main database is left running.
 func (b *bench) sideBySide(ctx context.Context) error {
 	n := b.f.rounds
 	bk, plain := make([]limitRound, 0, n), make([]limitRound, 0, n)
-	tp := make([]tpRound, 0, n)
-	limits := func() error {
+	empty, hist := make([]tpRound, 0, n), make([]tpRound, 0, n)
+	limits := func(int) error {
 		b.stopCluster()
 		r, err := b.bookkeepingRound(ctx)
 		if err != nil {
@@ -623,59 +725,63 @@ func (b *bench) sideBySide(ctx context.Context) error {
 		plain = append(plain, r)
 		return nil
 	}
-	cluster := func(i int) error {
-		if b.lc == nil {
-			if err := b.startCluster(ctx, b.f.nodes); err != nil {
+	tp := func(d benchDB, label string, rounds *[]tpRound) func(int) error {
+		return func(i int) error {
+			if err := b.use(ctx, d); err != nil {
 				return err
 			}
-			if err := b.warmUp(ctx, min(b.f.tasks, 2000), "select 0"); err != nil {
-				return err
-			}
-		}
-		r, err := b.throughputRound(ctx, "empty", i == 0 && b.f.profileSeconds > 0)
-		if err != nil {
+			r, err := b.throughputRound(ctx, label, i == 0 && b.f.profileSeconds > 0)
+			*rounds = append(*rounds, r)
 			return err
 		}
-		tp = append(tp, r)
-		return nil
+	}
+	steps := []func(int) error{limits, tp(b.main, "empty", &empty)}
+	if b.hist.db != nil {
+		steps = append(steps, tp(b.hist, "history", &hist))
 	}
 	for i := range n {
-		first, second := limits, func() error { return cluster(i) }
+		order := slices.Clone(steps)
 		if i%2 == 1 {
-			first, second = second, first
+			slices.Reverse(order)
 		}
-		if err := first(); err != nil {
-			return err
-		}
-		if err := second(); err != nil {
-			return err
+		for _, step := range order {
+			if err := step(i); err != nil {
+				return err
+			}
 		}
 	}
 	b.printLimit("limit_bookkeeping", bk, fmt.Sprintf("batch=%d (claim in order + finish, plain SQL, no query run)", plainBatch))
 	b.printLimit("limit_plain_node", plain, fmt.Sprintf("task_sessions=%d batch=%d (claim in order + start + 'select 0' with the session reset + finish, plain SQL, no Raft)",
 		executor.DefaultShortConns, plainBatch))
-	b.printThroughput("empty", tp)
-	b.roundRatio("throughput_vs_bookkeeping_limit", "limit_bookkeeping", tp, bk)
-	b.roundRatio("throughput_vs_plain_node_limit", "limit_plain_node", tp, plain)
-	if b.lc == nil { // the last round measured the limits
-		if err := b.startCluster(ctx, b.f.nodes); err != nil {
-			return err
-		}
-		return b.warmUp(ctx, min(b.f.tasks, 2000), "select 0")
+	b.printThroughput("empty", empty)
+	b.roundRatio("throughput_vs_bookkeeping_limit", "throughput_empty", "limit_bookkeeping", rates(empty), rates(bk))
+	b.roundRatio("throughput_vs_plain_node_limit", "throughput_empty", "limit_plain_node", rates(empty), rates(plain))
+	if b.hist.db != nil {
+		b.printThroughput("history", hist)
+		b.roundRatio("history_vs_empty", "throughput_history", "throughput_empty", rates(hist), rates(empty))
 	}
-	return nil
+	return b.use(ctx, b.main)
 }
 
-// roundRatio prints name as the median over rounds of throughput_empty's
-// round divided by the limit's round of the same round.
-func (b *bench) roundRatio(name, limit string, tp []tpRound, lim []limitRound) {
-	ratios := make([]float64, len(tp))
-	for i := range tp {
-		ratios[i] = tp[i].perSecond() / lim[i].perSecond()
+// rates lists the rate of every round.
+func rates[T interface{ perSecond() float64 }](rs []T) []float64 {
+	out := make([]float64, len(rs))
+	for i, r := range rs {
+		out[i] = r.perSecond()
+	}
+	return out
+}
+
+// roundRatio prints name as the median over rounds of a's round divided
+// by c's round of the same round.
+func (b *bench) roundRatio(name, a, c string, as, cs []float64) {
+	ratios := make([]float64, len(as))
+	for i := range as {
+		ratios[i] = as[i] / cs[i]
 	}
 	ident := func(v float64) float64 { return v }
-	b.print(name, lowerMedian(ratios, ident), fmt.Sprintf("rounds=%d each=%s (median over rounds of throughput_empty / %s, each pair measured in the same round)",
-		len(ratios), eachRate(ratios, ident), limit))
+	b.print(name, lowerMedian(ratios, ident), fmt.Sprintf("rounds=%d each=%s (median over rounds of %s / %s, both measured in the same round)",
+		len(ratios), eachRate(ratios, ident), a, c))
 }
 
 // printLimit prints the figure name as the median of rounds, with every

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 )
 
@@ -37,15 +38,19 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	// Each ratio to a limit is the median of the rounds' own ratios:
 	// throughput_empty's round i over the limit's round i (measured side by
 	// side), not the ratio of the two medians.
-	tp := roundRates(t, out, "throughput_empty")
-	for fig, limit := range map[string]string{"throughput_vs_bookkeeping_limit": "limit_bookkeeping", "throughput_vs_plain_node_limit": "limit_plain_node"} {
-		lim := roundRates(t, out, limit)
+	// So is history_vs_empty, from the two databases' rounds.
+	for _, r := range [][3]string{
+		{"throughput_vs_bookkeeping_limit", "throughput_empty", "limit_bookkeeping"},
+		{"throughput_vs_plain_node_limit", "throughput_empty", "limit_plain_node"},
+		{"history_vs_empty", "throughput_history", "throughput_empty"},
+	} {
+		fig, a, c := r[0], roundRates(t, out, r[1]), roundRates(t, out, r[2])
 		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=(\S+) rounds=2 each=(\S+),(\S+) `).FindStringSubmatch(out)
 		require.NotNil(t, m, "figure %s without its two rounds:\n%s", fig, out)
 		each := []float64{atof(t, m[2]), atof(t, m[3])}
 		for i := range each {
 			// The rates are printed rounded to whole tasks/s.
-			require.InEpsilon(t, tp[i]/lim[i], each[i], 0.01, "%s round %d is not throughput_empty / %s of that round", fig, i, limit)
+			require.InEpsilon(t, a[i]/c[i], each[i], 0.01, "%s round %d is not %s / %s of that round", fig, i, r[1], r[2])
 		}
 		require.Equal(t, min(each[0], each[1]), atof(t, m[1]), "figure %s is not the median of its rounds", fig)
 	}
@@ -100,9 +105,10 @@ func atoi(t *testing.T, s string) int {
 func TestBenchOnAGivenDatabase(t *testing.T) {
 	dsn := newDB(t)
 	out, errOut, code := runCLI(t, nil, "bench", "--bench-dsn", dsn, "--tasks", "300", "--samples", "3", "--clients", "2",
-		"--push-for", "1s", "--rounds", "1")
+		"--push-for", "1s", "--rounds", "1", "--history", "500")
 	require.Equal(t, 0, code, "bench failed:\n%s\n%s", out, errOut)
 	require.NotContains(t, out, "starting a throwaway PostgreSQL")
+	require.Regexp(t, `(?m)^bench figure=history_vs_empty value=\S+ rounds=1 `, out)
 	require.Regexp(t, `(?m)^bench figure=throughput_empty value=.* node_cpu_us_per_task=[0-9.e+]+ server_cpu_us_per_task=[0-9.e+]+$`, out)
 	require.Regexp(t, `(?m)^bench figure=limit_bookkeeping value=.* server_cpu_us_per_task=[0-9.e+]+$`, out)
 
@@ -111,6 +117,10 @@ func TestBenchOnAGivenDatabase(t *testing.T) {
 	var left int
 	require.NoError(t, db.QueryRow(ctx, `select count(*) from async.task`).Scan(&left))
 	require.Zero(t, left, "bench left tasks behind")
+	// The history database it created beside the given one is gone.
+	var histDBs int
+	require.NoError(t, db.QueryRow(ctx, `select count(*) from pg_database where datname = current_database() || '_history'`).Scan(&histDBs))
+	require.Zero(t, histDBs, "bench left its history database behind")
 
 	_, err := db.Exec(ctx, `select async.push_tasks(array[async.task('select 1', 'SELF')])`)
 	require.NoError(t, err)
@@ -119,4 +129,26 @@ func TestBenchOnAGivenDatabase(t *testing.T) {
 	require.Contains(t, errOut, "already holds 1 tasks; bench needs one without tasks")
 	require.NoError(t, db.QueryRow(ctx, `select count(*) from async.task`).Scan(&left))
 	require.Equal(t, 1, left, "the refused database was changed")
+}
+
+// withDatabase names another database in either form of connection
+// string, leaving the rest as it was.
+func TestWithDatabase(t *testing.T) {
+	for _, c := range []struct{ dsn, want string }{
+		{"host=h port=5 user=u dbname=b", "host=h port=5 user=u dbname=b dbname='b_history'"},
+		{"postgres://u:secret@h:5/b?sslmode=disable", "postgres://u:secret@h:5/b_history?sslmode=disable"},
+		{"postgresql://h/b", "postgresql://h/b_history"},
+	} {
+		got, err := withDatabase(c.dsn, "b_history")
+		require.NoError(t, err)
+		require.Equal(t, c.want, got)
+		cfg, err := pgx.ParseConfig(got)
+		require.NoError(t, err)
+		require.Equal(t, "b_history", cfg.Database, got)
+	}
+	got, err := withDatabase("host=h dbname=x", `o'd\\b`)
+	require.NoError(t, err)
+	cfg, err := pgx.ParseConfig(got)
+	require.NoError(t, err)
+	require.Equal(t, `o'd\\b`, cfg.Database, "a name with a quote and a backslash")
 }
