@@ -169,6 +169,19 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	if rows > 0 {
 		return fmt.Errorf("the database at %s already holds %d tasks; bench needs one without tasks", pgstore.MaskDSN(b.dsn), rows)
 	}
+	if b.f.history > 0 {
+		// openHistory creates it; a leftover of an interrupted run is
+		// refused here, before anything changes.
+		var name string
+		var exists bool
+		if err := b.db.QueryRow(ctx, `select current_database() || '_history',
+			exists (select from pg_database where datname = current_database() || '_history')`).Scan(&name, &exists); err != nil {
+			return fmt.Errorf("check the benchmark database: %w", err)
+		}
+		if exists {
+			return fmt.Errorf("--history: database %s exists on the benchmark's server; bench creates it for the history figures and drops it at the end: drop it first", pgx.Identifier{name}.Sanitize())
+		}
+	}
 	if _, err := pgstore.Migrate(ctx, b.dsn, log); err != nil {
 		return err
 	}

@@ -122,7 +122,21 @@ func TestBenchOnAGivenDatabase(t *testing.T) {
 	require.NoError(t, db.QueryRow(ctx, `select count(*) from pg_database where datname = current_database() || '_history'`).Scan(&histDBs))
 	require.Zero(t, histDBs, "bench left its history database behind")
 
-	_, err := db.Exec(ctx, `select async.push_tasks(array[async.task('select 1', 'SELF')])`)
+	// A history database left behind (an interrupted run) is refused
+	// before anything changes, and kept.
+	var name string
+	require.NoError(t, db.QueryRow(ctx, `select current_database() || '_history'`).Scan(&name))
+	_, err := db.Exec(ctx, "create database "+pgx.Identifier{name}.Sanitize())
+	require.NoError(t, err)
+	out, errOut, code = runCLI(t, nil, "bench", "--bench-dsn", dsn, "--tasks", "300", "--history", "500")
+	require.NotEqual(t, 0, code, "bench ran beside a leftover history database:\n%s", out)
+	require.Contains(t, errOut, "_history\" exists on the benchmark's server")
+	require.NoError(t, db.QueryRow(ctx, `select count(*) from pg_database where datname = $1`, name).Scan(&histDBs))
+	require.Equal(t, 1, histDBs, "bench dropped a database it had not created")
+	_, err = db.Exec(ctx, "drop database "+pgx.Identifier{name}.Sanitize())
+	require.NoError(t, err)
+
+	_, err = db.Exec(ctx, `select async.push_tasks(array[async.task('select 1', 'SELF')])`)
 	require.NoError(t, err)
 	out, errOut, code = runCLI(t, nil, "bench", "--bench-dsn", dsn, "--tasks", "300")
 	require.NotEqual(t, 0, code, "bench ran on a database holding a task:\n%s", out)
