@@ -148,11 +148,10 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 		b.cpu.postmaster = pg.PID()
 	}
 	b.cpu.nodes = b.nodePIDs
-	cfg, err := pgxpool.ParseConfig(b.dsn)
+	cfg, err := b.poolConfig(b.dsn)
 	if err != nil {
 		return usagef("--bench-dsn is invalid: %s", pgstore.MaskDSN(err.Error()))
 	}
-	cfg.MaxConns = int32(b.f.clients + 4)
 	if b.db, err = pgxpool.NewWithConfig(ctx, cfg); err != nil {
 		return err
 	}
@@ -169,17 +168,17 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	if rows > 0 {
 		return fmt.Errorf("the database at %s already holds %d tasks; bench needs one without tasks", pgstore.MaskDSN(b.dsn), rows)
 	}
+	var histName string // with --history: the history database, created by openHistory
 	if b.f.history > 0 {
-		// openHistory creates it; a leftover of an interrupted run is
-		// refused here, before anything changes.
-		var name string
+		// A leftover of an interrupted run is refused here, before
+		// anything changes.
 		var exists bool
 		if err := b.db.QueryRow(ctx, `select current_database() || '_history',
-			exists (select from pg_database where datname = current_database() || '_history')`).Scan(&name, &exists); err != nil {
+			exists (select from pg_database where datname = current_database() || '_history')`).Scan(&histName, &exists); err != nil {
 			return fmt.Errorf("check the benchmark database: %w", err)
 		}
 		if exists {
-			return fmt.Errorf("--history: database %s exists on the benchmark's server; bench creates it for the history figures and drops it at the end: drop it first", pgx.Identifier{name}.Sanitize())
+			return fmt.Errorf("--history: database %s exists on the benchmark's server; bench creates it for the history figures and drops it at the end: drop it first", pgx.Identifier{histName}.Sanitize())
 		}
 	}
 	if _, err := pgstore.Migrate(ctx, b.dsn, log); err != nil {
@@ -201,7 +200,7 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	}
 	b.main = benchDB{dsn: b.dsn, db: b.db}
 	if b.f.history > 0 {
-		drop, err := b.openHistory(ctx, log)
+		drop, err := b.openHistory(ctx, log, histName)
 		if err != nil {
 			return err
 		}
@@ -325,6 +324,17 @@ func (b *bench) use(ctx context.Context, d benchDB) error {
 	return b.warmUp(ctx, min(b.f.tasks, 2000), "select 0")
 }
 
+// poolConfig is the configuration of bench's own pool on a database:
+// the pushing clients and a few more.
+func (b *bench) poolConfig(dsn string) (*pgxpool.Config, error) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, err
+	}
+	cfg.MaxConns = int32(b.f.clients + 4)
+	return cfg, nil
+}
+
 // configureBench sets generous limits in db: the figures measure the
 // machinery, not a pool cap.
 func configureBench(ctx context.Context, db *pgxpool.Pool) error {
@@ -332,17 +342,12 @@ func configureBench(ctx context.Context, db *pgxpool.Pool) error {
 	return err
 }
 
-// openHistory creates the history database next to the benchmark
-// database (same server, its name with "_history" appended), installs the
-// schema, configures it as the main one and fills its history
-// (addHistory). throughput_history then runs there, round by round beside
-// throughput_empty in the main one. drop removes it; call it once no
-// cluster uses it.
-func (b *bench) openHistory(ctx context.Context, log hclog.Logger) (drop func(), err error) {
-	var name string
-	if err := b.db.QueryRow(ctx, "select current_database() || '_history'").Scan(&name); err != nil {
-		return nil, err
-	}
+// openHistory creates the history database name next to the benchmark
+// database (same server), installs the schema, configures it as the main
+// one and fills its history (addHistory). throughput_history then runs
+// there, round by round beside throughput_empty in the main one. drop
+// removes it; call it once no cluster uses it.
+func (b *bench) openHistory(ctx context.Context, log hclog.Logger, name string) (drop func(), err error) {
 	ident := pgx.Identifier{name}.Sanitize()
 	if _, err := b.db.Exec(ctx, "create database "+ident); err != nil {
 		return nil, fmt.Errorf("--history: create the history database %s on the benchmark's server (bench creates it and drops it at the end; it must not exist, and the role needs CREATEDB): %w", ident, err)
@@ -365,14 +370,13 @@ func (b *bench) openHistory(ctx context.Context, log hclog.Logger) (drop func(),
 	if err != nil {
 		return fail(err)
 	}
-	cfg, err := pgxpool.ParseConfig(dsn)
+	cfg, err := b.poolConfig(dsn)
 	if err != nil {
 		return fail(fmt.Errorf("history database: %s", pgstore.MaskDSN(err.Error())))
 	}
 	if cfg.ConnConfig.Database != name {
 		return fail(fmt.Errorf("history database: the benchmark DSN %s names database %q, not %q, with dbname changed", pgstore.MaskDSN(dsn), cfg.ConnConfig.Database, name))
 	}
-	cfg.MaxConns = int32(b.f.clients + 4)
 	db, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return fail(err)
@@ -486,29 +490,38 @@ func (b *bench) reset(ctx context.Context, keepHistory bool) error {
 	return err
 }
 
-// tpRound is one round of a throughput figure.
-type tpRound struct {
+// round is one round of a figure: of throughput_* or of a limit.
+type round struct {
 	tasks int
-	secs  float64 // first entered to last processed
-	wall  time.Duration
-	cpu   string // CPU per task, as cpuMeter.perTask renders it
+	secs  float64       // throughput: first entered to last processed; limits: wall-clock
+	wall  time.Duration // throughput only: push sent to drain seen
+	cpu   string        // CPU per task, as cpuMeter.perTask renders it
 }
 
-func (r tpRound) perSecond() float64 { return float64(r.tasks) / r.secs }
+func (r round) perSecond() float64 { return float64(r.tasks) / r.secs }
+
+// rates lists the rate of every round, in order.
+func rates(rs []round) []float64 {
+	out := make([]float64, len(rs))
+	for i, r := range rs {
+		out[i] = r.perSecond()
+	}
+	return out
+}
 
 // printThroughput prints throughput_<label> as the median of rounds.
-func (b *bench) printThroughput(label string, rounds []tpRound) {
-	m := lowerMedian(rounds, tpRound.perSecond)
+func (b *bench) printThroughput(label string, rounds []round) {
+	m := lowerMedian(rounds, round.perSecond)
 	b.print("throughput_"+label, m.perSecond(), fmt.Sprintf("unit=tasks/s nodes=%d tasks=%d rounds=%d each=%s seconds=%.3f wall=%s%s",
-		b.nodes, b.f.tasks, len(rounds), eachRate(rounds, tpRound.perSecond), m.secs, m.wall.Round(time.Millisecond), m.cpu))
+		b.nodes, b.f.tasks, len(rounds), each(rates(rounds)), m.secs, m.wall.Round(time.Millisecond), m.cpu))
 }
 
 // throughputRound pushes --tasks trivial tasks in one statement and waits
 // until all are processed: the seconds from the first entered to the last
 // processed, the wall time of the round, and the CPU per task from the
 // end of the push to the end of the wait (cpuMeter.perTask).
-func (b *bench) throughputRound(ctx context.Context, label string, profile bool) (tpRound, error) {
-	r := tpRound{tasks: b.f.tasks}
+func (b *bench) throughputRound(ctx context.Context, label string, profile bool) (round, error) {
+	r := round{tasks: b.f.tasks}
 	if err := b.reset(ctx, true); err != nil {
 		return r, err
 	}
@@ -723,8 +736,8 @@ func (b *bench) roundTrips(ctx context.Context) error {
 // the reverse. A cluster on the main database is left running.
 func (b *bench) sideBySide(ctx context.Context) error {
 	n := b.f.rounds
-	bk, plain := make([]limitRound, 0, n), make([]limitRound, 0, n)
-	empty, hist := make([]tpRound, 0, n), make([]tpRound, 0, n)
+	bk, plain := make([]round, 0, n), make([]round, 0, n)
+	empty, hist := make([]round, 0, n), make([]round, 0, n)
 	limits := func(int) error {
 		b.stopCluster()
 		r, err := b.bookkeepingRound(ctx)
@@ -738,7 +751,7 @@ func (b *bench) sideBySide(ctx context.Context) error {
 		plain = append(plain, r)
 		return nil
 	}
-	tp := func(d benchDB, label string, rounds *[]tpRound) func(int) error {
+	tp := func(d benchDB, label string, rounds *[]round) func(int) error {
 		return func(i int) error {
 			if err := b.use(ctx, d); err != nil {
 				return err
@@ -776,15 +789,6 @@ func (b *bench) sideBySide(ctx context.Context) error {
 	return b.use(ctx, b.main)
 }
 
-// rates lists the rate of every round.
-func rates[T interface{ perSecond() float64 }](rs []T) []float64 {
-	out := make([]float64, len(rs))
-	for i, r := range rs {
-		out[i] = r.perSecond()
-	}
-	return out
-}
-
 // roundRatio prints name as the median over rounds of a's round divided
 // by c's round of the same round.
 func (b *bench) roundRatio(name, a, c string, as, cs []float64) {
@@ -794,33 +798,24 @@ func (b *bench) roundRatio(name, a, c string, as, cs []float64) {
 	}
 	ident := func(v float64) float64 { return v }
 	b.print(name, lowerMedian(ratios, ident), fmt.Sprintf("rounds=%d each=%s (median over rounds of %s / %s, both measured in the same round)",
-		len(ratios), eachRate(ratios, ident), a, c))
+		len(ratios), each(ratios), a, c))
 }
 
 // printLimit prints the figure name as the median of rounds, with every
 // round's rate, then detail and the median round's CPU per task.
-func (b *bench) printLimit(name string, rounds []limitRound, detail string) {
-	m := lowerMedian(rounds, limitRound.perSecond)
+func (b *bench) printLimit(name string, rounds []round, detail string) {
+	m := lowerMedian(rounds, round.perSecond)
 	b.print(name, m.perSecond(), fmt.Sprintf("unit=tasks/s tasks=%d rounds=%d each=%s %s%s",
-		b.f.tasks, len(rounds), eachRate(rounds, limitRound.perSecond), detail, m.cpu))
+		b.f.tasks, len(rounds), each(rates(rounds)), detail, m.cpu))
 }
 
-// limitRound is one round of limit_bookkeeping or limit_plain_node.
-type limitRound struct {
-	tasks int
-	secs  float64
-	cpu   string // CPU per task, as cpuMeter.perTask renders it
-}
-
-func (r limitRound) perSecond() float64 { return float64(r.tasks) / r.secs }
-
-// eachRate lists every round's rate, in order, as the figures print it.
-func eachRate[T any](rs []T, rate func(T) float64) string {
-	each := make([]string, len(rs))
-	for i, r := range rs {
-		each[i] = num(rate(r))
+// each lists vs, in order, as the figures print them.
+func each(vs []float64) string {
+	out := make([]string, len(vs))
+	for i, v := range vs {
+		out[i] = num(v)
 	}
-	return strings.Join(each, ",")
+	return strings.Join(out, ",")
 }
 
 // lowerMedian returns the round of rs in the middle by rate (the lower
@@ -833,9 +828,9 @@ func lowerMedian[T any](rs []T, rate func(T) float64) T {
 
 // bookkeepingRound pushes --tasks tasks (not timed), then claims and
 // finishes them with plain batched SQL on one connection.
-func (b *bench) bookkeepingRound(ctx context.Context) (limitRound, error) {
+func (b *bench) bookkeepingRound(ctx context.Context) (round, error) {
 	if err := b.push(ctx, b.f.tasks, "select 0"); err != nil {
-		return limitRound{}, err
+		return round{}, err
 	}
 	before := b.cpu.sample()
 	start := time.Now()
@@ -844,17 +839,17 @@ func (b *bench) bookkeepingRound(ctx context.Context) (limitRound, error) {
 		var ids []int64
 		err := b.db.QueryRow(ctx, plainClaim, plainBatch).Scan(&ids)
 		if err != nil {
-			return limitRound{}, err
+			return round{}, err
 		}
 		if len(ids) == 0 {
 			break
 		}
 		if _, err := b.db.Exec(ctx, plainFinish, ids); err != nil {
-			return limitRound{}, err
+			return round{}, err
 		}
 		done += len(ids)
 	}
-	r := limitRound{tasks: done, secs: time.Since(start).Seconds(), cpu: b.cpu.perTask(before, b.cpu.sample(), done)}
+	r := round{tasks: done, secs: time.Since(start).Seconds(), cpu: b.cpu.perTask(before, b.cpu.sample(), done)}
 	if done != b.f.tasks {
 		return r, fmt.Errorf("limit_bookkeeping: claimed %d of the %d tasks pushed", done, b.f.tasks)
 	}

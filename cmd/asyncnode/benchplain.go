@@ -47,9 +47,9 @@ const plainFinish = `update async.task set processed = clock_timestamp(), finish
 // round trip per task, as with a node, and nothing else: no Raft, no
 // scheduler, no pool limits, no fencing, no time-outs. The node CPU figure
 // of its line is bench's own process, which plays the node.
-func (b *bench) limitPlainNode(ctx context.Context) (limitRound, error) {
+func (b *bench) limitPlainNode(ctx context.Context) (round, error) {
 	if err := b.push(ctx, b.f.tasks, "select 0"); err != nil {
-		return limitRound{}, err
+		return round{}, err
 	}
 	sessions := executor.DefaultShortConns
 	conns := make([]*pgx.Conn, 0, sessions)
@@ -61,7 +61,7 @@ func (b *bench) limitPlainNode(ctx context.Context) (limitRound, error) {
 	for range sessions {
 		c, err := pgx.Connect(ctx, b.dsn)
 		if err != nil {
-			return limitRound{}, fmt.Errorf("limit_plain_node: open a task session: %w", err)
+			return round{}, fmt.Errorf("limit_plain_node: open a task session: %w", err)
 		}
 		conns = append(conns, c)
 	}
@@ -170,17 +170,17 @@ func (b *bench) limitPlainNode(ctx context.Context) (limitRound, error) {
 	for range done { // until every goroutine has ended
 	}
 	if err != nil {
-		return limitRound{}, err
+		return round{}, err
 	}
 	// Every task went through all three updates, none twice.
 	var ok int
 	if err := b.db.QueryRow(ctx, `select count(*) from async.task
 		where attempt = 1 and started is not null and processed is not null and finish_status = 'FINISHED'`).Scan(&ok); err != nil {
-		return limitRound{}, err
+		return round{}, err
 	}
 	if ok != b.f.tasks {
-		return limitRound{}, fmt.Errorf("limit_plain_node: %d of %d tasks were claimed, started and finished once", ok, b.f.tasks)
+		return round{}, fmt.Errorf("limit_plain_node: %d of %d tasks were claimed, started and finished once", ok, b.f.tasks)
 	}
-	r := limitRound{tasks: finished, secs: elapsed.Seconds(), cpu: meter.perTask(before, after, finished)}
+	r := round{tasks: finished, secs: elapsed.Seconds(), cpu: meter.perTask(before, after, finished)}
 	return r, b.reset(ctx, false)
 }
