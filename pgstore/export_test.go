@@ -10,3 +10,7 @@ func (s *Store) LookupsPool() *pgxpool.Pool { return s.lookups }
 
 // InRefOrder exposes inRefOrder to the tests.
 func InRefOrder(refs []Ref, got []StartedTask) []StartedTask { return inRefOrder(refs, got) }
+
+// LookupSettings exposes lookupSettings: the claim's sessions run them too,
+// with bitmap scans off as well.
+const LookupSettings = lookupSettings

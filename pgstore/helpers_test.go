@@ -233,17 +233,18 @@ func ref(c pgstore.Claimed) pgstore.Ref { return pgstore.Ref{TaskID: c.TaskID, A
 
 func refs(r ...pgstore.Ref) []pgstore.Ref { return r }
 
-// explainClaim returns EXPLAIN of the claim with n free slots and no pool
-// running, as q plans it; options, if any, go in parentheses ("ANALYZE,
-// FORMAT JSON"). With ANALYZE the claim runs: give a transaction and roll
-// it back.
+// explainClaim returns EXPLAIN of the claim's first statement
+// (claim_select.sql, which finds and locks the tasks) with n free slots and
+// no pool running, as q plans it; options, if any, go in parentheses
+// ("ANALYZE, FORMAT JSON"). With ANALYZE it runs: give a transaction and
+// roll it back.
 func explainClaim(t *testing.T, q querier, options string, n int) string {
 	t.Helper()
 	explain := "EXPLAIN "
 	if options != "" {
 		explain += "(" + options + ") "
 	}
-	return strings.Join(queryStrings(t, q, explain+querySQL(t, "claim_tasks"), time.Now(), slots(n), []string{}, []int32{}, []int64{}), "\n")
+	return strings.Join(queryStrings(t, q, explain+querySQL(t, "claim_select"), time.Now(), slots(n), []string{}, []int32{}, []int64{}), "\n")
 }
 
 // refsByNode groups claimed attempts by the node they were given to, as the

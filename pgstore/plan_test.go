@@ -43,10 +43,6 @@ func TestHotPathGenericPlans(t *testing.T) {
 		assert.NotContains(t, plan, "task_running_idx", "%s:\n%s", q.name, plan)
 		assert.NotContains(t, plan, "Seq Scan on task", "%s:\n%s", q.name, plan)
 	}
-	plan := genericPlan(t, c, "claim_tasks", "timestamptz, text[], text[], int[], bigint[]",
-		"now(), '{n1,n1,n1}'::text[], '{}'::text[], '{}'::int[], '{}'::bigint[]")
-	assert.NotContains(t, plan, "Seq Scan on task", plan)
-	assertLooksUpIDs(t, "claim_tasks", plan)
 }
 
 // assertLooksUpIDs requires plan to read task_pkey, and only ever by
@@ -86,7 +82,19 @@ var idLookups = []struct{ name, params, args string }{
 	{"task_states", "bigint[]", "'{1,2,3}'::bigint[]"},
 	{"unclaim_tasks", "bigint[], int[]", "'{1,2,3}'::bigint[], '{1,1,1}'::int[]"},
 	{"resolve_lost", "bigint[], int[], timestamptz, text", "'{1,2,3}'::bigint[], '{1,1,1}'::int[], now(), 'lost'"},
+	{"claim_update", "timestamptz, bigint[], text[], interval[]",
+		"now(), '{1,2,3}'::bigint[], '{n1,n1,NULL}'::text[], '{1h,1h,1h}'::interval[]"},
 }
+
+// claimSelectArgs are claim_select's parameter types and sample arguments:
+// 200 free slots, no pool running, nothing excluded.
+const claimSelectParams, claimSelectArgs = "timestamptz, text[], text[], int[], bigint[]",
+	"now(), array_fill('n1'::text, array[200]), '{}'::text[], '{}'::int[], '{}'::bigint[]"
+
+// taskRowsSorted matches a plan's sort of task rows themselves (as opposed
+// to a sort of the claim's candidates, which the plan calls cand): a pool's
+// READY rows read out of index order, then sorted.
+var taskRowsSorted = regexp.MustCompile(`Sort Key: t(_\d+)?\.`)
 
 // genericPlan prepares queries/<name>.sql and explains its generic plan.
 func genericPlan(t *testing.T, c *pgx.Conn, name, params, args string) string {
@@ -95,40 +103,82 @@ func genericPlan(t *testing.T, c *pgx.Conn, name, params, args string) string {
 	return strings.Join(queryStrings(t, c, fmt.Sprintf("EXPLAIN EXECUTE %s(%s)", name, args)), "\n")
 }
 
-// The claim must be planned for the queue as it is at every call. A node
-// that idled with an empty queue would otherwise run, after a burst, a plan
-// the server cached for the prepared statement while the table was empty:
-// sequential scans and sorts of the whole task table at every claim, until
-// the table is next analysed (seen: 40 to 150 ms per claim instead of about
-// 5). So the claim runs on the store's claim pool as unnamed statements: no
-// session of that pool may hold it as a prepared statement, however often
-// it ran on an empty queue first.
-func TestClaimIsPlannedAtEveryCall(t *testing.T) {
+// backlogThenEmptied leaves the task table with the statistics of a queue
+// analysed while it held a backlog of READY tasks (every row READY), then
+// emptied, vacuumed, reindexed and analysed while empty (pages and rows
+// near zero, the column statistics kept), and pushes n tasks onto that.
+func backlogThenEmptied(t *testing.T, c *pgx.Conn, n int) {
+	t.Helper()
+	exec(t, c, `ALTER TABLE async.task SET (autovacuum_enabled = off)`)
+	push(t, c, "SELF", n, "select 1")
+	exec(t, c, `ANALYZE async.task`)
+	exec(t, c, `DELETE FROM async.task`)
+	exec(t, c, `VACUUM async.task`)
+	exec(t, c, `REINDEX TABLE async.task`)
+	push(t, c, "SELF", 100, "select 1")
+	exec(t, c, `DELETE FROM async.task`)
+	exec(t, c, `ANALYZE async.task`)
+	push(t, c, "SELF", n, "select 1")
+}
+
+// The claim runs on generic plans cached from its first call (planning it
+// at every call took 0.74 ms of a 250-task claim), so a plan cached while
+// the queue was empty, or built on misleading statistics, must still fit a
+// queue of any size. With only sequential scans and hash and merge joins
+// ruled out (the lookups' settings), the generic plan on the statistics of
+// backlogThenEmptied reads the claim's candidates with a bitmap scan of
+// every READY task of the pool, sorted, at each claim: a drain then costs
+// the square of its length. The claim pool's sessions (claimSettings) can
+// only read task_ready_idx in order and look the claimed ids up, and the
+// store's claims run there on generic plans.
+func TestClaimUsesIndexPlansWhateverTheStatistics(t *testing.T) {
 	t.Parallel()
 	_, s, c := newDB(t)
 	ctx := ctxT(t)
-	takeLead(t, s, 1)
-	for range 10 {
-		cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots(4), Now: time.Now()})
-		require.NoError(t, err)
-		require.Empty(t, cl)
-	}
-	push(t, c, "SELF", 2000, "select 0")
-	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots(4), Now: time.Now()})
-	require.NoError(t, err)
-	require.Len(t, cl, 4)
+	backlogThenEmptied(t, c, 40000)
 
-	claims := s.ClaimsPool()
-	require.GreaterOrEqual(t, claims.Stat().TotalConns(), int32(1), "the claims did not run on the claim pool")
-	conns := claims.AcquireAllIdle(ctx)
-	require.NotEmpty(t, conns)
-	for _, pc := range conns {
-		var prepared int
-		err := pc.QueryRow(ctx, `select count(*) from pg_prepared_statements where statement like '%Claim READY%'`).Scan(&prepared)
+	// The trap, in a session of the lookups' settings, where bitmap scans
+	// are allowed.
+	exec(t, c, pgstore.LookupSettings)
+	plan := genericPlan(t, c, "claim_select", claimSelectParams, claimSelectArgs)
+	require.Regexp(t, taskRowsSorted, plan, "a session with bitmap scans no longer shows the trap this test guards against:\n%s", plan)
+
+	// The claim pool's sessions, as they are. Taken out of the pool: its
+	// prepared statements are the test's.
+	pc, err := s.ClaimsPool().Acquire(ctx)
+	require.NoError(t, err)
+	cc := pc.Hijack()
+	defer func() { _ = cc.Close(context.WithoutCancel(ctx)) }()
+	plan = genericPlan(t, cc, "claim_select", claimSelectParams, claimSelectArgs)
+	assert.NotRegexp(t, taskRowsSorted, plan)
+	assert.NotContains(t, plan, "Bitmap", plan)
+	assert.NotContains(t, plan, "Seq Scan on task", plan)
+	assert.Contains(t, plan, "Index Scan using task_ready_idx on task", plan)
+	plan = genericPlan(t, cc, "claim_update", idLookups[len(idLookups)-1].params, idLookups[len(idLookups)-1].args)
+	assertLooksUpIDs(t, "claim_update", plan)
+	assert.NotContains(t, plan, "Seq Scan on task", plan)
+	assert.NotContains(t, plan, "Hash Join", plan)
+
+	// The store claims there, on generic plans from the first call.
+	exec(t, c, `UPDATE async.target SET max_concurrency = 1000 WHERE target = 'SELF'`)
+	takeLead(t, s, 1)
+	for range 3 {
+		cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots(100), Now: time.Now()})
+		require.NoError(t, err)
+		require.Len(t, cl, 100)
+	}
+	var custom, generic int
+	for _, pc := range s.ClaimsPool().AcquireAllIdle(ctx) {
+		var cu, ge int
+		err := pc.QueryRow(ctx, `select coalesce(sum(custom_plans), 0), coalesce(sum(generic_plans), 0)
+		                           from pg_prepared_statements where statement like '-- The claim''s%'`,
+			pgx.QueryExecModeSimpleProtocol).Scan(&cu, &ge)
 		pc.Release()
 		require.NoError(t, err)
-		require.Zero(t, prepared, "the claim is a prepared statement: the server may reuse a plan cached on an empty queue")
+		custom, generic = custom+cu, generic+ge
 	}
+	assert.Zero(t, custom, "a claim statement was planned for its parameters")
+	assert.Equal(t, 6, generic, "the claim's two statements did not run three times each on the claim pool")
 }
 
 // The statements that look up given task ids (start, finish, task states,

@@ -23,7 +23,8 @@ func query(name string) string {
 // Named queries (one statement each, except migrate_bootstrap).
 var (
 	qAssertLeaderTerm        = query("assert_leader_term")
-	qClaimTasks              = query("claim_tasks")
+	qClaimSelect             = query("claim_select")
+	qClaimUpdate             = query("claim_update")
 	qUnclaimTasks            = query("unclaim_tasks")
 	qStartTasks              = query("start_tasks")
 	qFinishTasks             = query("finish_tasks")

@@ -148,25 +148,27 @@ func TestAnalyzeTasksSkipsALockedTable(t *testing.T) {
 	require.True(t, done)
 }
 
-// What the leader's ANALYZE is for: on the statistics of an emptied table
-// the claim, planned for its parameters as the store plans it, finds the
-// rows it updates by reading all of task_pkey and comparing each entry with
-// every claimed id; once the table is analysed, it looks each id up.
-func TestAnalyzeTasksGivesTheClaimItsLookups(t *testing.T) {
-	dsn, s, c := newDB(t)
-	emptiedTaskTable(t, dsn, s, 3000)
+// What the leader's ANALYZE is for, now that the claim's own sessions
+// cannot plan it badly (TestClaimUsesIndexPlansWhateverTheStatistics): every
+// session that plans for the table's statistics, such as the SQL API's and
+// operators'. Planned for its parameters in a plain session on the
+// statistics of a queue analysed with a backlog and then emptied
+// (backlogThenEmptied), the claim reads every READY task of the pool and
+// sorts them; once the table is analysed, it reads task_ready_idx in order.
+func TestAnalyzeTasksRepairsPlansOnAnEmptiedTable(t *testing.T) {
+	_, s, c := newDB(t)
+	backlogThenEmptied(t, c, 40000)
 	// Planned for its parameters at each EXPLAIN, with the statistics of
 	// the moment.
 	exec(t, c, `SET plan_cache_mode = force_custom_plan`)
-	const args = "now(), array_fill('n1'::text, array[200]), '{}'::text[], '{}'::int[], '{}'::bigint[]"
-	before := genericPlan(t, c, "claim_tasks", "timestamptz, text[], text[], int[], bigint[]", args)
-	_, unconditioned := taskPKeyScans(before)
-	require.NotZero(t, unconditioned,
-		"the emptied table's statistics no longer lead the claim to read all of task_pkey:\n%s", before)
+	before := genericPlan(t, c, "claim_select", claimSelectParams, claimSelectArgs)
+	require.Regexp(t, taskRowsSorted, before,
+		"the emptied table's statistics no longer lead the claim to sort every READY task:\n%s", before)
 
 	done, err := s.AnalyzeTasks(ctxT(t))
 	require.NoError(t, err)
 	require.True(t, done)
-	after := strings.Join(queryStrings(t, c, "EXPLAIN EXECUTE claim_tasks("+args+")"), "\n")
-	assertLooksUpIDs(t, "claim_tasks after ANALYZE", after)
+	after := strings.Join(queryStrings(t, c, "EXPLAIN EXECUTE claim_select("+claimSelectArgs+")"), "\n")
+	require.NotRegexp(t, taskRowsSorted, after)
+	require.Contains(t, after, "Index Scan using task_ready_idx on task", after)
 }

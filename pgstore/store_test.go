@@ -946,3 +946,28 @@ func TestInRefOrder(t *testing.T) {
 	// Another attempt of the same task is not the one asked for.
 	require.Empty(t, pgstore.InRefOrder([]pgstore.Ref{{TaskID: 4, Attempt: 2}}, []pgstore.StartedTask{st(4)}))
 }
+
+// A claim that fails inside its transaction (here, fenced out) ends the
+// transaction and keeps its session, whose cached plans the next claim
+// reuses; nothing stays idle in a transaction holding the fence's lock.
+func TestFailedClaimEndsItsTransaction(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	takeLead(t, s, 3)
+	push(t, c, "SELF", 2, "select 1")
+	require.Len(t, claim(t, s, 3, 1, nil), 1)
+	backend := func() uint32 {
+		pc, err := s.ClaimsPool().Acquire(ctx)
+		require.NoError(t, err)
+		defer pc.Release()
+		return pc.Conn().PgConn().PID()
+	}
+	pid := backend()
+	_, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 2, Slots: slots(1), Now: time.Now()})
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm)
+	require.Equal(t, pid, backend(), "the failed claim's session was closed instead of rolled back")
+	require.Zero(t, queryInt(t, c, `SELECT count(*) FROM pg_stat_activity
+	    WHERE datname = current_database() AND state LIKE 'idle in transaction%'`))
+	require.Len(t, claim(t, s, 3, 1, nil), 1, "the claim pool works after a failed claim")
+}

@@ -8,7 +8,12 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 )
+
+// rollbackTimeout bounds the ROLLBACK of a claim that failed inside its
+// transaction; past it the session is closed instead.
+const rollbackTimeout = time.Second
 
 // purgeBatch is how many finished tasks PurgeHistory deletes per transaction.
 const purgeBatch = 10000
@@ -23,7 +28,7 @@ func refArrays(refs []Ref) (ids []int64, attempts []int32) {
 }
 
 // ClaimTasks claims READY, eligible (eligible_when NULL or <= Now) tasks in
-// (priority, entered, task_id) order, in one fenced statement: each pool
+// (priority, entered, task_id) order, in one fenced transaction: each pool
 // gives at most its limit (async.concurrency_pool, else
 // control.default_concurrency_pool_workers, read now: D6) minus
 // PoolRunning[pool]; all pools together give at most len(Slots). Claimed rows
@@ -33,9 +38,17 @@ func refArrays(refs []Ref) (ids []int64, attempts []int32) {
 // place of the global limit but no node: External). Rows come back in
 // (priority, entered, task_id) order. ErrStaleTerm if req.Term is not the
 // newest term recorded.
+//
+// Two round trips on the claim pool: BEGIN, the fence and claim_select.sql
+// (which locks the tasks), then claim_update.sql and COMMIT. Both statements
+// run on cached generic plans (see claimSettings).
 func (s *Store) ClaimTasks(ctx context.Context, req ClaimRequest) ([]Claimed, error) {
 	if len(req.Slots) == 0 {
 		return nil, nil
+	}
+	term, err := termArg(req.Term)
+	if err != nil {
+		return nil, err
 	}
 	names := make([]string, 0, len(req.PoolRunning))
 	for n := range req.PoolRunning {
@@ -50,24 +63,86 @@ func (s *Store) ClaimTasks(ctx context.Context, req ClaimRequest) ([]Claimed, er
 	if exclude == nil {
 		exclude = []int64{}
 	}
-	// Not sized to len(req.Slots): an idle leader claims with every slot
-	// free several times a second and gets nothing back.
-	var out []Claimed
-	// On s.claims: planned afresh at every call (see Open).
-	err := s.fencedOn(ctx, s.claims, "claim tasks", req.Term, func(b *pgx.Batch) {
-		b.Queue(qClaimTasks, req.Now, req.Slots, names, running, exclude).Query(func(rows pgx.Rows) error {
-			for rows.Next() {
-				var c Claimed
-				if err := rows.Scan(&c.TaskID, &c.Attempt, &c.Node, &c.Pool, &c.Target, &c.Deadline, &c.External); err != nil {
-					return err
-				}
-				out = append(out, c)
-			}
-			return rows.Err()
-		})
-	})
+	pc, err := s.claims.Acquire(ctx)
 	if err != nil {
-		return nil, err
+		return nil, s.wrap("claim tasks", err)
+	}
+	defer pc.Release()
+	c := pc.Conn()
+	out, err := s.claimOn(ctx, c, term, req, names, running, exclude)
+	if err != nil && c.PgConn().TxStatus() != 'I' && ctx.Err() == nil {
+		// Released inside a transaction, the session is closed (which ends
+		// the transaction) and its cached plans are lost: end the
+		// transaction instead if the server answers at once.
+		rctx, cancel := context.WithTimeout(ctx, rollbackTimeout)
+		_, _ = c.Exec(rctx, "ROLLBACK")
+		cancel()
+	}
+	return out, err
+}
+
+// claimOn runs the claim's transaction on c (see ClaimTasks).
+func (s *Store) claimOn(ctx context.Context, c *pgx.Conn, term int64, req ClaimRequest,
+	names []string, running []int32, exclude []int64) ([]Claimed, error) {
+	var ids []int64
+	var nodes []pgtype.Text
+	var timeouts []pgtype.Interval
+	slot := 0
+	b := &pgx.Batch{}
+	b.Queue("BEGIN")
+	b.Queue(qAssertLeaderTerm, term)
+	b.Queue(qClaimSelect, req.Now, req.Slots, names, running, exclude).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var id int64
+			var external bool
+			var timeout pgtype.Interval
+			if err := rows.Scan(&id, &external, &timeout); err != nil {
+				return err
+			}
+			node := pgtype.Text{}
+			if !external {
+				if slot >= len(req.Slots) {
+					return fmt.Errorf("the claim returned more query tasks than the %d slots offered", len(req.Slots))
+				}
+				node = pgtype.Text{String: req.Slots[slot], Valid: true}
+				slot++
+			}
+			ids, nodes, timeouts = append(ids, id), append(nodes, node), append(timeouts, timeout)
+		}
+		return rows.Err()
+	})
+	if err := c.SendBatch(ctx, b).Close(); err != nil {
+		return nil, s.wrap("claim tasks", err)
+	}
+	if len(ids) == 0 {
+		if _, err := c.Exec(ctx, "COMMIT"); err != nil {
+			return nil, s.wrap("claim tasks", err)
+		}
+		return nil, nil
+	}
+	updated := make(map[int64]Claimed, len(ids))
+	b = &pgx.Batch{}
+	b.Queue(qClaimUpdate, req.Now, ids, nodes, timeouts).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var cl Claimed
+			if err := rows.Scan(&cl.TaskID, &cl.Attempt, &cl.Node, &cl.Pool, &cl.Target, &cl.Deadline, &cl.External); err != nil {
+				return err
+			}
+			updated[cl.TaskID] = cl
+		}
+		return rows.Err()
+	})
+	b.Queue("COMMIT")
+	if err := c.SendBatch(ctx, b).Close(); err != nil {
+		return nil, s.wrap("claim tasks", err)
+	}
+	// In claim_select's order. Every locked row is updated; were one not,
+	// it would simply stay READY.
+	out := make([]Claimed, 0, len(updated))
+	for _, id := range ids {
+		if cl, ok := updated[id]; ok {
+			out = append(out, cl)
+		}
 	}
 	return out, nil
 }

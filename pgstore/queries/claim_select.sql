@@ -1,13 +1,28 @@
--- Claim READY, eligible tasks in (priority, entered, task_id) order under the
--- pool limits and the global limit, in one statement.
+-- The claim's first statement: finds and locks the READY, eligible tasks to
+-- claim, in (priority, entered, task_id) order, under the pool limits and
+-- the global limit. claim_update.sql then updates them, in the same
+-- transaction (pgstore.ClaimTasks). The rows stay locked (FOR UPDATE) until
+-- that transaction ends.
 --   $1 now (timestamptz)
---   $2 slots: the node of each free global worker slot (text[]); its length
---      is the global limit, the i-th claimed query task goes to $2[i]
+--   $2 slots: the node of each free global worker slot (text[]); only its
+--      length is read here, the global limit (the i-th claimed query task
+--      goes to $2[i]: pgstore.ClaimTasks assigns them)
 --   $3, $4 pool names and the slots they hold now (text[], int[])
 --   $5 task ids not to claim now (bigint[]: their old attempt still holds a slot)
+-- Returns each task's id, whether it is external (NULL query: no node), and
+-- the time-out it gets unless it has its own (manual_timeout): its target's
+-- default, else control.default_timeout.
 -- Pools with READY rows are found by a loose index scan (recursive CTE) over
 -- task_ready_idx; each pool then reads at most its free room from the same
 -- index. Finished history is never touched.
+--
+-- It runs as a prepared statement on a cached generic plan (planning the
+-- claim at every call, as one statement, took 0.74 ms of a 250-task claim
+-- that ran in 3.34 ms), in sessions whose planner may use neither
+-- sequential nor bitmap scans nor hash or merge joins
+-- (pgstore.claimSettings): every plan it can build reads task_ready_idx in
+-- order, pool by pool, whatever the statistics say (docs/performance.md,
+-- seventeenth session).
 WITH RECURSIVE
 ctl AS (
   -- Nothing is claimed while paused or disabled, as seen by this
@@ -63,43 +78,9 @@ picked AS (
   SELECT cand.task_id, cand.priority, cand.entered, cand.external, cand.target
     FROM cand
    ORDER BY cand.priority, cand.entered, cand.task_id
-   LIMIT cardinality($2::text[])),
-numbered AS (
-  SELECT picked.task_id, picked.external, picked.target,
-         row_number() OVER (PARTITION BY picked.external
-                            ORDER BY picked.priority, picked.entered, picked.task_id) AS qpos
-    FROM picked),
--- The update reads the claimed ids from arrays, not from a join with
--- "numbered": a generic plan guesses thousands of rows for that join and
--- hashes a sequential scan of the whole task table (history included);
--- unnest() is guessed small, so every id is one task_pkey lookup.
--- Each task's target default time-out is joined here (in the plans seen, a
--- hash of async.target built once per claim), not looked up by a subquery
--- per updated row: that subquery scanned the target table once per claimed
--- task, every dead row version of it included (a tiny table is vacuumed
--- only after 50 dead versions), and cost 2.5 to 4 us of backend CPU per
--- claimed task with no dead version, 7.5 to 9 us with 36
--- (docs/performance.md).
-ids AS (
-  SELECT array_agg(n.task_id ORDER BY n.task_id) AS task_ids,
-         array_agg(CASE WHEN n.external THEN NULL ELSE ($2::text[])[n.qpos::int] END ORDER BY n.task_id) AS nodes,
-         array_agg(n.external ORDER BY n.task_id) AS externals,
-         array_agg(tg.default_timeout ORDER BY n.task_id) AS timeouts
-    FROM numbered n
-    LEFT JOIN async.target tg ON tg.target = n.target),
-upd AS (
-  UPDATE async.task t SET
-    attempt = t.attempt + 1,
-    consumed = $1::timestamptz,
-    started = NULL,
-    times_up = $1::timestamptz + coalesce(t.manual_timeout, n.target_timeout, (SELECT ctl.default_timeout FROM ctl)),
-    node = n.node,
-    tracked = true
-    FROM ids CROSS JOIN LATERAL unnest(ids.task_ids, ids.nodes, ids.externals, ids.timeouts) AS n(task_id, node, external, target_timeout)
-   WHERE t.task_id = n.task_id
-  RETURNING t.task_id, t.attempt, t.node, t.concurrency_pool, t.target, t.times_up, n.external,
-            t.priority, t.entered)
-SELECT upd.task_id, upd.attempt, coalesce(upd.node, ''), upd.concurrency_pool, upd.target, upd.times_up,
-       upd.external
-  FROM upd
- ORDER BY upd.priority, upd.entered, upd.task_id
+   LIMIT cardinality($2::text[]))
+SELECT picked.task_id, picked.external,
+       coalesce(tg.default_timeout, (SELECT ctl.default_timeout FROM ctl)) AS timeout
+  FROM picked
+  LEFT JOIN async.target tg ON tg.target = picked.target
+ ORDER BY picked.priority, picked.entered, picked.task_id
