@@ -82,8 +82,7 @@ var idLookups = []struct{ name, params, args string }{
 	{"task_states", "bigint[]", "'{1,2,3}'::bigint[]"},
 	{"unclaim_tasks", "bigint[], int[]", "'{1,2,3}'::bigint[], '{1,1,1}'::int[]"},
 	{"resolve_lost", "bigint[], int[], timestamptz, text", "'{1,2,3}'::bigint[], '{1,1,1}'::int[], now(), 'lost'"},
-	{"claim_update", "timestamptz, bigint[], text[], interval[]",
-		"now(), '{1,2,3}'::bigint[], '{n1,n1,NULL}'::text[], '{1h,1h,1h}'::interval[]"},
+	{"claim_update", "timestamptz, bigint[], text, interval", "now(), '{1,2,3}'::bigint[], 'n1', '1h'"},
 }
 
 // claimSelectArgs are claim_select's parameter types and sample arguments:
@@ -170,7 +169,7 @@ func TestClaimUsesIndexPlansWhateverTheStatistics(t *testing.T) {
 	var custom, generic int
 	for _, pc := range s.ClaimsPool().AcquireAllIdle(ctx) {
 		var cu, ge int
-		err := pc.QueryRow(ctx, `select coalesce(sum(custom_plans), 0), coalesce(sum(generic_plans), 0)
+		err := pc.QueryRow(ctx, `select coalesce(sum(custom_plans), 0), count(*) filter (where generic_plans > 0)
 		                           from pg_prepared_statements where statement like '-- The claim''s%'`,
 			pgx.QueryExecModeSimpleProtocol).Scan(&cu, &ge)
 		pc.Release()
@@ -178,7 +177,7 @@ func TestClaimUsesIndexPlansWhateverTheStatistics(t *testing.T) {
 		custom, generic = custom+cu, generic+ge
 	}
 	assert.Zero(t, custom, "a claim statement was planned for its parameters")
-	assert.Equal(t, 6, generic, "the claim's two statements did not run three times each on the claim pool")
+	assert.Equal(t, 2, generic, "the claim's two statements did not both run on generic plans on the claim pool")
 }
 
 // The statements that look up given task ids (start, finish, task states,
@@ -291,4 +290,33 @@ func TestStoreSessionsDoNotCompileStatements(t *testing.T) {
 	}
 	takeLead(t, s, 1)
 	require.Len(t, claim(t, s, 1, 3, nil), 3)
+}
+
+// On the statistics of a table analysed while nearly empty (pages kept, no
+// rows), a generic plan of an UPDATE joined with unnest() of the ids reads
+// all of task_pkey and compares every row with every id, however many rows
+// the table holds by then: the claim's update in that shape took 6.6 s on
+// a bench database. claim_update.sql has no join: its ids are an index
+// condition, on any statistics.
+func TestClaimUpdateLooksUpIDsOnAnEmptiedTable(t *testing.T) {
+	t.Parallel()
+	dsn, s, _ := newDB(t)
+	ctx := ctxT(t)
+	emptiedTaskTable(t, dsn, s, 3000)
+	pc, err := s.ClaimsPool().Acquire(ctx)
+	require.NoError(t, err)
+	cc := pc.Hijack()
+	defer func() { _ = cc.Close(context.WithoutCancel(ctx)) }()
+
+	exec(t, cc, `PREPARE joined (bigint[], text[]) AS
+	    UPDATE async.task t SET node = n.node FROM unnest($1::bigint[], $2::text[]) AS n(task_id, node)
+	     WHERE t.task_id = n.task_id`)
+	joined := strings.Join(queryStrings(t, cc, `EXPLAIN EXECUTE joined('{1,2,3}', '{n1,n1,n1}')`), "\n")
+	_, unconditioned := taskPKeyScans(joined)
+	require.NotZero(t, unconditioned, "the joined update no longer shows the trap this test guards against:\n%s", joined)
+
+	q := idLookups[len(idLookups)-1]
+	require.Equal(t, "claim_update", q.name)
+	plan := genericPlan(t, cc, q.name, q.params, q.args)
+	assertLooksUpIDs(t, q.name, plan)
 }

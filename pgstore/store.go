@@ -64,8 +64,8 @@ const lookupSettings = "SET enable_seqscan = off; SET enable_hashjoin = off; SET
 // size, and these settings leave the planner no other plans: without
 // sequential and bitmap scans, the candidates come from ordered scans of
 // task_ready_idx (a bitmap scan of it, then a sort, reads every READY task
-// of a pool at each claim), and claim_update.sql looks each id up as the
-// lookups do. Checked on the statistics of a queue analysed with a backlog,
+// of a pool at each claim), and claim_update.sql reads task_pkey with its
+// ids as the index condition. Checked on the statistics of a queue analysed with a backlog,
 // then emptied, by TestClaimUsesIndexPlansWhateverTheStatistics.
 const claimSettings = lookupSettings + "; SET enable_bitmapscan = off"
 

@@ -81,12 +81,18 @@ func (s *Store) ClaimTasks(ctx context.Context, req ClaimRequest) ([]Claimed, er
 	return out, err
 }
 
+// claimGroup is the claimed tasks that share a node and a time-out: one
+// claim_update.sql call.
+type claimGroup struct {
+	node    pgtype.Text // NULL for external tasks
+	timeout pgtype.Interval
+}
+
 // claimOn runs the claim's transaction on c (see ClaimTasks).
 func (s *Store) claimOn(ctx context.Context, c *pgx.Conn, term int64, req ClaimRequest,
 	names []string, running []int32, exclude []int64) ([]Claimed, error) {
-	var ids []int64
-	var nodes []pgtype.Text
-	var timeouts []pgtype.Interval
+	var ids []int64 // in claim_select's order
+	groups := map[claimGroup][]int64{}
 	slot := 0
 	b := &pgx.Batch{}
 	b.Queue("BEGIN")
@@ -95,19 +101,19 @@ func (s *Store) claimOn(ctx context.Context, c *pgx.Conn, term int64, req ClaimR
 		for rows.Next() {
 			var id int64
 			var external bool
-			var timeout pgtype.Interval
-			if err := rows.Scan(&id, &external, &timeout); err != nil {
+			var g claimGroup
+			if err := rows.Scan(&id, &external, &g.timeout); err != nil {
 				return err
 			}
-			node := pgtype.Text{}
 			if !external {
 				if slot >= len(req.Slots) {
 					return fmt.Errorf("the claim returned more query tasks than the %d slots offered", len(req.Slots))
 				}
-				node = pgtype.Text{String: req.Slots[slot], Valid: true}
+				g.node = pgtype.Text{String: req.Slots[slot], Valid: true}
 				slot++
 			}
-			ids, nodes, timeouts = append(ids, id), append(nodes, node), append(timeouts, timeout)
+			ids = append(ids, id)
+			groups[g] = append(groups[g], id)
 		}
 		return rows.Err()
 	})
@@ -122,16 +128,18 @@ func (s *Store) claimOn(ctx context.Context, c *pgx.Conn, term int64, req ClaimR
 	}
 	updated := make(map[int64]Claimed, len(ids))
 	b = &pgx.Batch{}
-	b.Queue(qClaimUpdate, req.Now, ids, nodes, timeouts).Query(func(rows pgx.Rows) error {
-		for rows.Next() {
-			var cl Claimed
-			if err := rows.Scan(&cl.TaskID, &cl.Attempt, &cl.Node, &cl.Pool, &cl.Target, &cl.Deadline, &cl.External); err != nil {
-				return err
+	for g, gids := range groups {
+		b.Queue(qClaimUpdate, req.Now, gids, g.node, g.timeout).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var cl Claimed
+				if err := rows.Scan(&cl.TaskID, &cl.Attempt, &cl.Node, &cl.Pool, &cl.Target, &cl.Deadline, &cl.External); err != nil {
+					return err
+				}
+				updated[cl.TaskID] = cl
 			}
-			updated[cl.TaskID] = cl
-		}
-		return rows.Err()
-	})
+			return rows.Err()
+		})
+	}
 	b.Queue("COMMIT")
 	if err := c.SendBatch(ctx, b).Close(); err != nil {
 		return nil, s.wrap("claim tasks", err)
