@@ -40,8 +40,9 @@ func refArrays(refs []Ref) (ids []int64, attempts []int32) {
 // newest term recorded.
 //
 // Two round trips on the claim pool: BEGIN, the fence and claim_select.sql
-// (which locks the tasks), then claim_update.sql and COMMIT. Both statements
-// run on cached generic plans (see claimSettings).
+// (which locks the tasks), then claim_update.sql once per node and
+// time-out, and COMMIT. Both statements run on cached generic plans (see
+// claimSettings).
 func (s *Store) ClaimTasks(ctx context.Context, req ClaimRequest) ([]Claimed, error) {
 	if len(req.Slots) == 0 {
 		return nil, nil
