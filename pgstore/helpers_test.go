@@ -244,7 +244,7 @@ func explainClaim(t *testing.T, q querier, options string, n int) string {
 	if options != "" {
 		explain += "(" + options + ") "
 	}
-	return strings.Join(queryStrings(t, q, explain+querySQL(t, "claim_select"), time.Now(), slots(n), []string{}, []int32{}, []int64{}), "\n")
+	return strings.Join(queryStrings(t, q, explain+querySQL(t, "claim_select"), time.Now(), int32(n), []string{}, []int32{}, []int64{}), "\n")
 }
 
 // refsByNode groups claimed attempts by the node they were given to, as the

@@ -87,8 +87,39 @@ var idLookups = []struct{ name, params, args string }{
 
 // claimSelectArgs are claim_select's parameter types and sample arguments:
 // 200 free slots, no pool running, nothing excluded.
-const claimSelectParams, claimSelectArgs = "timestamptz, text[], text[], int[], bigint[]",
-	"now(), array_fill('n1'::text, array[200]), '{}'::text[], '{}'::int[], '{}'::bigint[]"
+const claimSelectParams, claimSelectArgs = "timestamptz, int, text[], int[], bigint[]",
+	"now(), 200, '{}'::text[], '{}'::int[], '{}'::bigint[]"
+
+// lookup returns the idLookups entry of the statement name.
+func lookup(t *testing.T, name string) struct{ name, params, args string } {
+	t.Helper()
+	for _, q := range idLookups {
+		if q.name == name {
+			return q
+		}
+	}
+	t.Fatalf("no id lookup %s", name)
+	return idLookups[0]
+}
+
+// preparedPlans sums, over the idle sessions of pool, the custom and
+// generic plans of the prepared statements whose text starts with prefix,
+// and counts those that ran on a generic plan.
+func preparedPlans(t *testing.T, pool *pgxpool.Pool, prefix string) (custom, generic, genericStatements int) {
+	t.Helper()
+	ctx := ctxT(t)
+	for _, pc := range pool.AcquireAllIdle(ctx) {
+		var cu, ge, gs int
+		err := pc.QueryRow(ctx, `select coalesce(sum(custom_plans), 0), coalesce(sum(generic_plans), 0),
+		                                count(*) filter (where generic_plans > 0)
+		                           from pg_prepared_statements where starts_with(statement, $1)`,
+			pgx.QueryExecModeSimpleProtocol, prefix).Scan(&cu, &ge, &gs)
+		pc.Release()
+		require.NoError(t, err)
+		custom, generic, genericStatements = custom+cu, generic+ge, genericStatements+gs
+	}
+	return custom, generic, genericStatements
+}
 
 // taskRowsSorted matches a plan's sort of task rows themselves (as opposed
 // to a sort of the claim's candidates, which the plan calls cand): a pool's
@@ -153,7 +184,8 @@ func TestClaimUsesIndexPlansWhateverTheStatistics(t *testing.T) {
 	assert.NotContains(t, plan, "Bitmap", plan)
 	assert.NotContains(t, plan, "Seq Scan on task", plan)
 	assert.Contains(t, plan, "Index Scan using task_ready_idx on task", plan)
-	plan = genericPlan(t, cc, "claim_update", idLookups[len(idLookups)-1].params, idLookups[len(idLookups)-1].args)
+	q := lookup(t, "claim_update")
+	plan = genericPlan(t, cc, q.name, q.params, q.args)
 	assertLooksUpIDs(t, "claim_update", plan)
 	assert.NotContains(t, plan, "Seq Scan on task", plan)
 	assert.NotContains(t, plan, "Hash Join", plan)
@@ -166,16 +198,7 @@ func TestClaimUsesIndexPlansWhateverTheStatistics(t *testing.T) {
 		require.NoError(t, err)
 		require.Len(t, cl, 100)
 	}
-	var custom, generic int
-	for _, pc := range s.ClaimsPool().AcquireAllIdle(ctx) {
-		var cu, ge int
-		err := pc.QueryRow(ctx, `select coalesce(sum(custom_plans), 0), count(*) filter (where generic_plans > 0)
-		                           from pg_prepared_statements where statement like '-- The claim''s%'`,
-			pgx.QueryExecModeSimpleProtocol).Scan(&cu, &ge)
-		pc.Release()
-		require.NoError(t, err)
-		custom, generic = custom+cu, generic+ge
-	}
+	custom, _, generic := preparedPlans(t, s.ClaimsPool(), "-- The claim's")
 	assert.Zero(t, custom, "a claim statement was planned for its parameters")
 	assert.Equal(t, 2, generic, "the claim's two statements did not both run on generic plans on the claim pool")
 }
@@ -228,16 +251,7 @@ func TestLookupsUseIndexPlansWhateverTheStatistics(t *testing.T) {
 	require.True(t, fin[99].Applied)
 	_, err = s.TaskStates(ctx, ids)
 	require.NoError(t, err)
-	var custom, generic int
-	for _, pc := range s.LookupsPool().AcquireAllIdle(ctx) {
-		var cu, ge int
-		err := pc.QueryRow(ctx, `select coalesce(sum(custom_plans), 0), coalesce(sum(generic_plans), 0)
-		                           from pg_prepared_statements where statement like '-- %'`,
-			pgx.QueryExecModeSimpleProtocol).Scan(&cu, &ge)
-		pc.Release()
-		require.NoError(t, err)
-		custom, generic = custom+cu, generic+ge
-	}
+	custom, generic, _ := preparedPlans(t, s.LookupsPool(), "-- ")
 	assert.Zero(t, custom, "a lookup was planned for its parameters")
 	assert.Equal(t, 3, generic, "start, finish and task states did not all run on the lookup pool")
 }
@@ -315,8 +329,7 @@ func TestClaimUpdateLooksUpIDsOnAnEmptiedTable(t *testing.T) {
 	_, unconditioned := taskPKeyScans(joined)
 	require.NotZero(t, unconditioned, "the joined update no longer shows the trap this test guards against:\n%s", joined)
 
-	q := idLookups[len(idLookups)-1]
-	require.Equal(t, "claim_update", q.name)
+	q := lookup(t, "claim_update")
 	plan := genericPlan(t, cc, q.name, q.params, q.args)
 	assertLooksUpIDs(t, q.name, plan)
 }

@@ -98,7 +98,7 @@ func (s *Store) claimOn(ctx context.Context, c *pgx.Conn, term int64, req ClaimR
 	b := &pgx.Batch{}
 	b.Queue("BEGIN")
 	b.Queue(qAssertLeaderTerm, term)
-	b.Queue(qClaimSelect, req.Now, req.Slots, names, running, exclude).Query(func(rows pgx.Rows) error {
+	b.Queue(qClaimSelect, req.Now, int32(len(req.Slots)), names, running, exclude).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
 			var id int64
 			var external bool

@@ -4,9 +4,9 @@
 -- transaction (pgstore.ClaimTasks). The rows stay locked (FOR UPDATE) until
 -- that transaction ends.
 --   $1 now (timestamptz)
---   $2 slots: the node of each free global worker slot (text[]); only its
---      length is read here, the global limit (the i-th claimed query task
---      goes to $2[i]: pgstore.ClaimTasks assigns them)
+--   $2 the free global worker slots (int): the global limit (the i-th
+--      claimed query task goes to the i-th slot's node: pgstore.ClaimTasks
+--      assigns them)
 --   $3, $4 pool names and the slots they hold now (text[], int[])
 --   $5 task ids not to claim now (bigint[]: their old attempt still holds a slot)
 -- Returns each task's id, whether it is external (NULL query: no node), and
@@ -55,7 +55,7 @@ pools AS (
 room AS (
   SELECT p.pool, p.priority, p.entered, p.task_id,
          least(coalesce(cp.max_workers, ctl.pool_default, 0) - coalesce(r.running, 0),
-               cardinality($2::text[])) AS n
+               $2::int) AS n
     FROM pools p
    CROSS JOIN ctl
     LEFT JOIN async.concurrency_pool cp ON cp.concurrency_pool = p.pool
@@ -78,7 +78,7 @@ picked AS (
   SELECT cand.task_id, cand.priority, cand.entered, cand.external, cand.target
     FROM cand
    ORDER BY cand.priority, cand.entered, cand.task_id
-   LIMIT cardinality($2::text[]))
+   LIMIT $2::int)
 SELECT picked.task_id, picked.external,
        coalesce(tg.default_timeout, (SELECT ctl.default_timeout FROM ctl)) AS timeout
   FROM picked
