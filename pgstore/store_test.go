@@ -760,6 +760,42 @@ func TestLeadershipLock(t *testing.T) {
 	require.NoError(t, l3.Release(ctx))
 }
 
+// TestTakeoverIsNotHeldByAStoppedClaim: a leader that stops between the
+// claim's two round trips leaves its transaction open with the share lock
+// on async.leader that fences leader writes. Its successor must still take
+// over: the server ends that session (claimSettings).
+func TestTakeoverIsNotHeldByAStoppedClaim(t *testing.T) {
+	t.Parallel()
+	dsn, s, c := newDB(t)
+	ctx := ctxT(t)
+	takeLead(t, s, 1)
+	pc, err := s.ClaimsPool().Acquire(ctx)
+	require.NoError(t, err)
+	defer pc.Release()
+	// The claim's first round trip, then nothing: the leader stopped.
+	_, err = pc.Exec(ctx, "BEGIN")
+	require.NoError(t, err)
+	_, err = pc.Exec(ctx, "SELECT async.assert_leader_term(1)")
+	require.NoError(t, err)
+	pid := pc.Conn().PgConn().PID()
+	require.Equal(t, []string{"idle in transaction"},
+		queryStrings(t, c, `SELECT state FROM pg_stat_activity WHERE pid = $1`, int(pid)))
+
+	s2, err := pgstore.Open(ctx, dsn, nil)
+	require.NoError(t, err)
+	defer s2.Close()
+	tctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	l2, err := s2.TakeLeadership(tctx, 2, "b", "test-cluster")
+	require.NoError(t, err, "the successor waited on the stopped claim's fence lock")
+	defer func() { _ = l2.Release(ctx) }()
+	require.Equal(t, []string{"2 b"}, queryStrings(t, c, `SELECT term || ' ' || node FROM async.leader`))
+	require.Zero(t, queryInt(t, c, `SELECT count(*) FROM pg_stat_activity WHERE pid = $1`, int(pid)),
+		"the stopped claim's session is gone")
+	_, err = pc.Exec(ctx, "COMMIT")
+	require.Error(t, err, "the stopped leader cannot commit its claim")
+}
+
 func TestListen(t *testing.T) {
 	t.Parallel()
 	_, s, c := newDB(t)
