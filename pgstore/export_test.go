@@ -14,3 +14,6 @@ func InRefOrder(refs []Ref, got []StartedTask) []StartedTask { return inRefOrder
 // LookupSettings exposes lookupSettings: the claim's sessions run them too,
 // with bitmap scans off as well.
 const LookupSettings = lookupSettings
+
+// IDRuns exposes idRuns to the tests.
+func IDRuns(refs []Ref) [][]Ref { return idRuns(refs) }

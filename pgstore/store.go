@@ -52,12 +52,14 @@ const lookupConns = 4
 // for them holds a sequential scan or a hash or merge join on the task
 // table, so the generic plan is used from the first call on, without
 // planning per call (custom plans cost about a millisecond per finish
-// under load). One bad plan is left: on the statistics of a table analysed
-// while nearly empty (pages kept, no rows), the join with the ids may read
-// all of task_pkey and compare every row with every id, until the leader's
-// ANALYZE (scheduler.keepStatistics) invalidates it; the claim's update
-// avoids it by having no join (claim_update.sql; docs/performance.md,
-// seventeenth session).
+// under load). These settings do not rule out one more: on the statistics
+// of a table analysed while nearly empty (pages kept, no rows), a join
+// with the ids on "t.task_id = n.task_id" reads all of task_pkey and
+// compares every row with every id. The statements avoid it themselves:
+// they have no join (start_tasks.sql, claim_update.sql), or join on a
+// clause that cannot be merged (finish_tasks.sql; docs/performance.md,
+// seventeenth and eighteenth sessions;
+// TestIDLookupsReadTaskPKeyByIDOnAnEmptiedTable).
 const lookupSettings = "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off; " +
 	"SET plan_cache_mode = force_generic_plan"
 
@@ -73,7 +75,7 @@ const lookupSettings = "SET enable_seqscan = off; SET enable_hashjoin = off; SET
 // ids as the index condition. Checked on the statistics of a queue
 // analysed with a backlog, then emptied, by
 // TestClaimUsesIndexPlansWhateverTheStatistics, and on those of a table
-// analysed while nearly empty by TestClaimUpdateLooksUpIDsOnAnEmptiedTable.
+// analysed while nearly empty by TestIDLookupsReadTaskPKeyByIDOnAnEmptiedTable.
 //
 // The claim's transaction spans two round trips and holds the share lock
 // on async.leader that every leader write takes (the fence): a takeover

@@ -309,6 +309,60 @@ func TestStartIsAHeapOnlyUpdate(t *testing.T) {
 	require.GreaterOrEqual(t, hot, int64(tasks/10), "of %d starts only %d updates were heap-only (%d updates)", tasks, hot, upd)
 }
 
+// start_tasks.sql finds each row's attempt by the position of its id in
+// ascending ids that hold each id once: StartTasks must sort the refs and
+// send an id given twice in a statement of its own, whatever order and
+// repeats it is given.
+func TestStartTasksFindsEachAttemptInAnyOrder(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `UPDATE async.target SET max_concurrency = 20 WHERE target = 'SELF'`)
+	push(t, c, "SELF", 20, "select 1")
+	takeLead(t, s, 1)
+	slots := make([]string, 20)
+	for i := range slots {
+		slots[i] = "n1"
+	}
+	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots, Now: time.Now()})
+	require.NoError(t, err)
+	require.Len(t, cl, 20)
+	// Newest first, and for every third task a wrong attempt of it too,
+	// before or after the right one.
+	var rs, want []pgstore.Ref
+	for i := len(cl) - 1; i >= 0; i-- {
+		r := ref(cl[i])
+		wrong := pgstore.Ref{TaskID: r.TaskID, Attempt: r.Attempt + 1}
+		switch i % 3 {
+		case 0:
+			rs = append(rs, wrong, r)
+		case 1:
+			rs = append(rs, r, wrong)
+		default:
+			rs = append(rs, r)
+		}
+		want = append(want, r)
+	}
+	st, err := s.StartTasks(ctx, "n1", rs)
+	require.NoError(t, err)
+	got := make([]pgstore.Ref, len(st))
+	for i, x := range st {
+		got[i] = pgstore.Ref{TaskID: x.TaskID, Attempt: x.Attempt}
+	}
+	require.Equal(t, want, got, "every right attempt started, in the order given")
+	require.EqualValues(t, 20, queryInt(t, c, `SELECT count(*) FROM async.task WHERE started IS NOT NULL`))
+}
+
+func TestIDRuns(t *testing.T) {
+	t.Parallel()
+	r := func(id int64, attempt int32) pgstore.Ref { return pgstore.Ref{TaskID: id, Attempt: attempt} }
+	require.Nil(t, pgstore.IDRuns(nil))
+	require.Equal(t, [][]pgstore.Ref{{r(3, 1), r(4, 1), r(5, 1)}},
+		pgstore.IDRuns([]pgstore.Ref{r(5, 1), r(3, 1), r(4, 1)}))
+	require.Equal(t, [][]pgstore.Ref{{r(3, 1), r(4, 1), r(5, 2)}, {r(4, 2), r(5, 1)}, {r(5, 3)}},
+		pgstore.IDRuns([]pgstore.Ref{r(5, 2), r(4, 1), r(3, 1), r(5, 1), r(5, 3), r(4, 2)}))
+}
+
 func TestStartAndFinishFencing(t *testing.T) {
 	t.Parallel()
 	_, s, c := newDB(t)

@@ -1,8 +1,10 @@
 package pgstore
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"time"
 
@@ -178,24 +180,53 @@ func (s *Store) StartTasks(ctx context.Context, node string, refs []Ref) ([]Star
 	if len(refs) == 0 {
 		return nil, nil
 	}
-	ids, attempts := refArrays(refs)
-	rows, err := s.lookups.Query(ctx, qStartTasks, node, ids, attempts)
-	if err != nil {
-		return nil, s.wrap("start tasks", err)
-	}
 	got := make([]StartedTask, 0, len(refs))
-	for rows.Next() {
-		var t StartedTask
-		if err := rows.Scan(&t.TaskID, &t.Attempt, &t.Query, &t.Target, &t.ConnStr, &t.Async, &t.Deadline); err != nil {
-			rows.Close()
-			return nil, s.wrap("start tasks", err)
-		}
-		got = append(got, t)
+	b := &pgx.Batch{}
+	for _, run := range idRuns(refs) {
+		ids, attempts := refArrays(run)
+		b.Queue(qStartTasks, node, ids, attempts).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var t StartedTask
+				if err := rows.Scan(&t.TaskID, &t.Attempt, &t.Query, &t.Target, &t.ConnStr, &t.Async, &t.Deadline); err != nil {
+					return err
+				}
+				got = append(got, t)
+			}
+			return rows.Err()
+		})
 	}
-	if err := rows.Err(); err != nil {
+	if err := s.lookups.SendBatch(ctx, b).Close(); err != nil {
 		return nil, s.wrap("start tasks", err)
 	}
 	return inRefOrder(refs, got), nil
+}
+
+// idRuns returns refs in ascending task id order, in runs that hold each
+// id once: the form of start_tasks.sql's ids, which finds each row's
+// attempt by the position of its id (width_bucket). The k-th ref of an id
+// goes to run k, so there is one run unless an id is given twice.
+func idRuns(refs []Ref) [][]Ref {
+	sorted := slices.Clone(refs)
+	slices.SortStableFunc(sorted, func(a, b Ref) int { return cmp.Compare(a.TaskID, b.TaskID) })
+	var runs [][]Ref
+	for i := 0; i < len(sorted); {
+		j := i + 1
+		for j < len(sorted) && sorted[j].TaskID == sorted[i].TaskID {
+			j++
+		}
+		for k := i; k < j; k++ {
+			if k-i == len(runs) {
+				var run []Ref // a second run is rare: let it grow
+				if len(runs) == 0 {
+					run = make([]Ref, 0, len(sorted))
+				}
+				runs = append(runs, run)
+			}
+			runs[k-i] = append(runs[k-i], sorted[k])
+		}
+		i = j
+	}
+	return runs
 }
 
 // inRefOrder returns the tasks of got in the order of refs; refs without

@@ -8,12 +8,13 @@
 --   $3 their node (text; NULL for external tasks)
 --   $4 their time-out (interval)
 -- No join: the ids are an index condition on task_pkey, so no plan can read
--- the table beyond them. The shape of the lookups (UPDATE ... FROM
--- unnest(ids, ...) WHERE t.task_id = n.task_id) lets a generic plan built on
--- the statistics of a table analysed while empty scan all of task_pkey and
+-- the table beyond them. A join with the ids (UPDATE ... FROM unnest(ids,
+-- ...) WHERE t.task_id = n.task_id) lets a generic plan built on the
+-- statistics of a table analysed while empty scan all of task_pkey and
 -- compare every row with every id: one such claim took 6.6 s, and a claim
 -- planned per call with that join took 92 s (docs/performance.md,
--- seventeenth session).
+-- seventeenth session). The lookups, which need a value per id, join with
+-- a clause that cannot be merged (finish_tasks.sql).
 UPDATE async.task t SET
   attempt = t.attempt + 1,
   consumed = $1::timestamptz,
