@@ -844,8 +844,10 @@ func TestTakeoverIsNotHeldByAStoppedClaim(t *testing.T) {
 	require.NoError(t, err, "the successor waited on the stopped claim's fence lock")
 	defer func() { _ = l2.Release(ctx) }()
 	require.Equal(t, []string{"2 b"}, queryStrings(t, c, `SELECT term || ' ' || node FROM async.leader`))
-	require.Zero(t, queryInt(t, c, `SELECT count(*) FROM pg_stat_activity WHERE pid = $1`, int(pid)),
-		"the stopped claim's session is gone")
+	// Its locks go before its entry in pg_stat_activity does.
+	waitFor(t, "the stopped claim's session to end", func() bool {
+		return queryInt(t, c, `SELECT count(*) FROM pg_stat_activity WHERE pid = $1`, int(pid)) == 0
+	})
 	_, err = pc.Exec(ctx, "COMMIT")
 	require.Error(t, err, "the stopped leader cannot commit its claim")
 }
