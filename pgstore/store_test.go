@@ -829,7 +829,7 @@ func TestTakeoverIsNotHeldByAStoppedClaim(t *testing.T) {
 	// The claim's first round trip, then nothing: the leader stopped.
 	_, err = pc.Exec(ctx, "BEGIN")
 	require.NoError(t, err)
-	_, err = pc.Exec(ctx, "SELECT async.assert_leader_term(1)")
+	_, err = pc.Exec(ctx, querySQL(t, "assert_leader_term"), 1)
 	require.NoError(t, err)
 	pid := pc.Conn().PgConn().PID()
 	require.Equal(t, []string{"idle in transaction"},

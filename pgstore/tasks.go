@@ -206,25 +206,26 @@ func (s *Store) StartTasks(ctx context.Context, node string, refs []Ref) ([]Star
 // attempt by the position of its id (width_bucket). The k-th ref of an id
 // goes to run k, so there is one run unless an id is given twice.
 func idRuns(refs []Ref) [][]Ref {
-	sorted := slices.Clone(refs)
-	slices.SortStableFunc(sorted, func(a, b Ref) int { return cmp.Compare(a.TaskID, b.TaskID) })
-	var runs [][]Ref
-	for i := 0; i < len(sorted); {
-		j := i + 1
-		for j < len(sorted) && sorted[j].TaskID == sorted[i].TaskID {
-			j++
+	if len(refs) == 0 {
+		return nil
+	}
+	sorted := slices.SortedStableFunc(slices.Values(refs), func(a, b Ref) int { return cmp.Compare(a.TaskID, b.TaskID) })
+	// Run 0 is compacted into sorted itself (it never gets ahead of the
+	// loop), so the usual single run costs no copy beyond the sort's.
+	runs := [][]Ref{sorted[:0]}
+	var prev int64
+	k := 0 // how many refs of this id came before
+	for i, r := range sorted {
+		if i > 0 && r.TaskID == prev {
+			k++
+		} else {
+			k = 0
 		}
-		for k := i; k < j; k++ {
-			if k-i == len(runs) {
-				var run []Ref // a second run is rare: let it grow
-				if len(runs) == 0 {
-					run = make([]Ref, 0, len(sorted))
-				}
-				runs = append(runs, run)
-			}
-			runs[k-i] = append(runs[k-i], sorted[k])
+		prev = r.TaskID
+		if k == len(runs) {
+			runs = append(runs, nil)
 		}
-		i = j
+		runs[k] = append(runs[k], r)
 	}
 	return runs
 }

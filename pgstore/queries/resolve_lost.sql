@@ -7,12 +7,7 @@
 -- (a generic plan did: 46 ms instead of 7 ms for 300 of 1000 running).
 -- This way the only path is task_pkey per given id.
 -- The id joins are written "t.task_id = ANY(ARRAY[r.task_id])" on purpose:
--- a plain equality is mergeable, which makes task_pkey's order useful to
--- the planner, and a generic plan built on the statistics of a table
--- analysed while nearly empty then reads all of task_pkey and compares
--- every row with every id (2848.7 ms instead of 5.1 ms for a finish of
--- 250 ids among 40,000 rows). This form is not mergeable; the only use
--- the planner has for it is as the index condition of a lookup per id.
+-- a lookup per id on any statistics (see finish_tasks.sql).
 -- cur also sorts by task_id, which task_pkey's order gives for free: its
 -- "t.task_id = ANY($1)" keeps that scan to the given ids (at worst, each
 -- of them compared with each id: a lost node's attempts, not the table).
