@@ -77,21 +77,22 @@ const lookupSettings = "SET enable_seqscan = off; SET enable_hashjoin = off; SET
 // TestClaimUsesIndexPlansWhateverTheStatistics, and on those of a table
 // analysed while nearly empty by TestIDLookupsReadTaskPKeyByIDOnAnEmptiedTable.
 //
-// The claim's transaction spans two round trips and holds the share lock
-// on async.leader that every leader write takes (the fence): a takeover
-// waits for it. A leader that stops between the two (SIGSTOP, a stall, a
-// network cut) would hold it, and block every takeover, until its session
-// died, which over a cut TCP connection takes the keepalive time (two
-// hours by default). idle_in_transaction_session_timeout makes the server
-// end such a session after claimIdleTimeout; a live leader sends its
-// second round trip as soon as it has read the first's rows.
-// TestTakeoverIsNotHeldByAStoppedClaim.
+// The claim's transaction spans two round trips (ClaimTasks); the first
+// locks the READY tasks it will claim. A leader that stops between the two
+// (SIGSTOP, a stall, a network cut) would keep them locked, and so out of
+// every other claim, until its session died, which over a cut TCP
+// connection takes the keepalive time (two hours by default).
+// idle_in_transaction_session_timeout makes the server end such a session
+// after claimIdleTimeout; a live leader sends its second round trip as
+// soon as it has read the first's rows.
+// TestSuccessorClaimsWhatAStoppedClaimLocked.
 const claimSettings = lookupSettings + "; SET enable_bitmapscan = off" +
 	"; SET idle_in_transaction_session_timeout = '" + claimIdleTimeout + "'"
 
 // claimIdleTimeout is how long the server keeps a claim's transaction open
-// while its leader says nothing (see claimSettings): the longest a frozen
-// or cut-off leader delays its successor's takeover.
+// while its leader says nothing (see claimSettings): the longest the tasks
+// a frozen or cut-off leader was claiming stay out of its successor's
+// claims.
 const claimIdleTimeout = "1s"
 
 // jitOff runs on every connection of the store's pools unless the DSN sets

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/asyncnode/asyncnode/pgstore"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 )
 
@@ -814,26 +816,46 @@ func TestLeadershipLock(t *testing.T) {
 	require.NoError(t, l3.Release(ctx))
 }
 
-// TestTakeoverIsNotHeldByAStoppedClaim: a leader that stops between the
-// claim's two round trips leaves its transaction open with the share lock
-// on async.leader that fences leader writes. Its successor must still take
-// over: the server ends that session (claimSettings).
-func TestTakeoverIsNotHeldByAStoppedClaim(t *testing.T) {
+// stoppedClaim takes the leadership of term 1 on s, pushes 3 tasks and runs
+// the claim's first round trip for them on a claim session (after setup,
+// if any): a leader stopped between the claim's round trips. It returns
+// that session (released at the end of the test) and the claim's second
+// round trip.
+func stoppedClaim(t *testing.T, s *pgstore.Store, c *pgx.Conn, setup string) (*pgxpool.Conn, func(term int64) error) {
+	t.Helper()
+	ctx := ctxT(t)
+	takeLead(t, s, 1)
+	push(t, c, "SELF", 3, "select 1")
+	pc, err := s.ClaimsPool().Acquire(ctx)
+	require.NoError(t, err)
+	t.Cleanup(pc.Release)
+	if setup != "" {
+		_, err = pc.Exec(ctx, setup)
+		require.NoError(t, err)
+	}
+	ids, commit, err := s.ClaimLock(ctx, pc.Conn(), pgstore.ClaimRequest{Term: 1, Slots: slots(3), Now: time.Now()})
+	require.NoError(t, err)
+	require.Len(t, ids, 3)
+	return pc, commit
+}
+
+// A leader that stops between the claim's two round trips (SIGSTOP, a
+// stall, a cut connection) holds no lock a takeover needs: the fence's
+// share lock on async.leader is taken in the second round trip, which the
+// server runs without waiting for the leader. Its successor takes over at
+// once, and the stopped claim cannot commit once it resumes.
+func TestTakeoverDoesNotWaitForAStoppedClaim(t *testing.T) {
 	t.Parallel()
 	dsn, s, c := newDB(t)
 	ctx := ctxT(t)
-	takeLead(t, s, 1)
-	pc, err := s.ClaimsPool().Acquire(ctx)
-	require.NoError(t, err)
-	defer pc.Release()
-	// The claim's first round trip, then nothing: the leader stopped.
-	_, err = pc.Exec(ctx, "BEGIN")
-	require.NoError(t, err)
-	_, err = pc.Exec(ctx, querySQL(t, "assert_leader_term"), 1)
-	require.NoError(t, err)
+	// Only the claim's own statements are under test here: the server
+	// must not end this session (TestSuccessorClaimsWhatAStoppedClaimLocked).
+	pc, commit := stoppedClaim(t, s, c, "SET idle_in_transaction_session_timeout = 0")
 	pid := pc.Conn().PgConn().PID()
-	require.Equal(t, []string{"idle in transaction"},
-		queryStrings(t, c, `SELECT state FROM pg_stat_activity WHERE pid = $1`, int(pid)))
+	stopped := func() []string {
+		return queryStrings(t, c, `SELECT state FROM pg_stat_activity WHERE pid = $1`, int(pid))
+	}
+	require.Equal(t, []string{"idle in transaction"}, stopped())
 
 	s2, err := pgstore.Open(ctx, dsn, nil)
 	require.NoError(t, err)
@@ -841,15 +863,46 @@ func TestTakeoverIsNotHeldByAStoppedClaim(t *testing.T) {
 	tctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	l2, err := s2.TakeLeadership(tctx, 2, "b", "test-cluster")
-	require.NoError(t, err, "the successor waited on the stopped claim's fence lock")
+	require.NoError(t, err, "the successor waited on the stopped claim")
 	defer func() { _ = l2.Release(ctx) }()
+	require.Equal(t, []string{"idle in transaction"}, stopped(), "the takeover did not wait for the stopped claim to end")
 	require.Equal(t, []string{"2 b"}, queryStrings(t, c, `SELECT term || ' ' || node FROM async.leader`))
-	// Its locks go before its entry in pg_stat_activity does.
-	waitFor(t, "the stopped claim's session to end", func() bool {
-		return queryInt(t, c, `SELECT count(*) FROM pg_stat_activity WHERE pid = $1`, int(pid)) == 0
+
+	// The stopped leader resumes: its claim is fenced off and leaves the
+	// tasks READY for its successor.
+	require.ErrorIs(t, commit(1), pgstore.ErrStaleTerm)
+	_, err = pc.Exec(ctx, "ROLLBACK")
+	require.NoError(t, err)
+	require.EqualValues(t, 3, queryInt(t, c, `SELECT count(*) FROM async.task WHERE consumed IS NULL AND attempt = 0`))
+	require.Len(t, claim(t, s2, 2, 3, nil), 3)
+	// With nothing to claim, the fence still tells a superseded leader.
+	_, err = s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots(1), Now: time.Now()})
+	require.ErrorIs(t, err, pgstore.ErrStaleTerm)
+}
+
+// The tasks a stopped claim locked in its first round trip are skipped by
+// every other claim while its transaction lasts; the claim sessions'
+// idle_in_transaction_session_timeout ends it, so the successor claims
+// them within about a second instead of after the keepalive time of a cut
+// connection.
+func TestSuccessorClaimsWhatAStoppedClaimLocked(t *testing.T) {
+	t.Parallel()
+	dsn, s, c := newDB(t)
+	ctx := ctxT(t)
+	pc, _ := stoppedClaim(t, s, c, "")
+	pid := pc.Conn().PgConn().PID()
+
+	s2, err := pgstore.Open(ctx, dsn, nil)
+	require.NoError(t, err)
+	defer s2.Close()
+	takeLead(t, s2, 2)
+	var got []pgstore.Claimed
+	waitFor(t, "the successor to claim the stopped claim's tasks", func() bool {
+		got = append(got, claim(t, s2, 2, 3, nil)...)
+		return len(got) == 3
 	})
-	_, err = pc.Exec(ctx, "COMMIT")
-	require.Error(t, err, "the stopped leader cannot commit its claim")
+	require.Zero(t, queryInt(t, c, `SELECT count(*) FROM pg_stat_activity WHERE pid = $1`, int(pid)),
+		"the server ended the stopped claim's session")
 }
 
 func TestListen(t *testing.T) {
@@ -1041,7 +1094,7 @@ func TestInRefOrder(t *testing.T) {
 
 // A claim that fails inside its transaction (here, fenced out) ends the
 // transaction and keeps its session, whose cached plans the next claim
-// reuses; nothing stays idle in a transaction holding the fence's lock.
+// reuses; nothing stays idle in a transaction holding the tasks it locked.
 func TestFailedClaimEndsItsTransaction(t *testing.T) {
 	t.Parallel()
 	_, s, c := newDB(t)

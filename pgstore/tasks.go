@@ -41,10 +41,14 @@ func refArrays(refs []Ref) (ids []int64, attempts []int32) {
 // (priority, entered, task_id) order. ErrStaleTerm if req.Term is not the
 // newest term recorded.
 //
-// Two round trips on the claim pool: BEGIN, the fence and claim_select.sql
-// (which locks the tasks), then claim_update.sql once per node and
+// Two round trips on the claim pool: BEGIN and claim_select.sql (which
+// locks the tasks), then the fence, claim_update.sql once per node and
 // time-out, and COMMIT. Both statements run on cached generic plans (see
-// claimSettings).
+// claimSettings). The fence's lock on async.leader is taken in the second
+// round trip, which the server runs without waiting for the leader, so a
+// takeover never waits for a leader that stopped between the two; the
+// task rows the first locked stay locked until the server ends that
+// session (claimIdleTimeout), and other claims skip them meanwhile.
 func (s *Store) ClaimTasks(ctx context.Context, req ClaimRequest) ([]Claimed, error) {
 	if len(req.Slots) == 0 {
 		return nil, nil
@@ -94,12 +98,38 @@ type claimGroup struct {
 // claimOn runs the claim's transaction on c (see ClaimTasks).
 func (s *Store) claimOn(ctx context.Context, c *pgx.Conn, term int64, req ClaimRequest,
 	names []string, running []int32, exclude []int64) ([]Claimed, error) {
-	var ids []int64 // in claim_select's order
+	ids, groups, err := claimLock(ctx, c, req, names, running, exclude)
+	if err != nil {
+		return nil, s.wrap("claim tasks", err)
+	}
+	updated, err := claimCommit(ctx, c, term, req.Now, groups, len(ids))
+	if err != nil {
+		return nil, s.wrap("claim tasks", err)
+	}
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	// In claim_select's order. Every locked row is updated; were one not,
+	// it would simply stay READY.
+	out := make([]Claimed, 0, len(updated))
+	for _, id := range ids {
+		if cl, ok := updated[id]; ok {
+			out = append(out, cl)
+		}
+	}
+	return out, nil
+}
+
+// claimLock is the claim's first round trip: BEGIN, and claim_select.sql,
+// which locks the tasks to claim. It returns their ids in claim_select's
+// order, grouped for claim_update.sql. The transaction stays open.
+func claimLock(ctx context.Context, c *pgx.Conn, req ClaimRequest,
+	names []string, running []int32, exclude []int64) ([]int64, map[claimGroup][]int64, error) {
+	var ids []int64
 	groups := map[claimGroup][]int64{}
 	slot := 0
 	b := &pgx.Batch{}
 	b.Queue("BEGIN")
-	b.Queue(qAssertLeaderTerm, term)
 	b.Queue(qClaimSelect, req.Now, int32(len(req.Slots)), names, running, exclude).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
 			var id int64
@@ -121,18 +151,24 @@ func (s *Store) claimOn(ctx context.Context, c *pgx.Conn, term int64, req ClaimR
 		return rows.Err()
 	})
 	if err := c.SendBatch(ctx, b).Close(); err != nil {
-		return nil, s.wrap("claim tasks", err)
+		return nil, nil, err
 	}
-	if len(ids) == 0 {
-		if _, err := c.Exec(ctx, "COMMIT"); err != nil {
-			return nil, s.wrap("claim tasks", err)
-		}
-		return nil, nil
-	}
-	updated := make(map[int64]Claimed, len(ids))
-	b = &pgx.Batch{}
+	return ids, groups, nil
+}
+
+// claimCommit is the claim's second round trip, in claimLock's
+// transaction: the fence (which fails with AS001, and so ends the
+// transaction, unless term is still the newest), claim_update.sql for each
+// group and COMMIT, sent at once. n is the number of ids in groups. It
+// returns the updated rows by task id. With nothing to update it still
+// checks the fence, so a superseded leader learns it at its next claim.
+func claimCommit(ctx context.Context, c *pgx.Conn, term int64, now time.Time,
+	groups map[claimGroup][]int64, n int) (map[int64]Claimed, error) {
+	updated := make(map[int64]Claimed, n)
+	b := &pgx.Batch{}
+	b.Queue(qAssertLeaderTerm, term)
 	for g, gids := range groups {
-		b.Queue(qClaimUpdate, req.Now, gids, g.node, g.timeout).Query(func(rows pgx.Rows) error {
+		b.Queue(qClaimUpdate, now, gids, g.node, g.timeout).Query(func(rows pgx.Rows) error {
 			for rows.Next() {
 				var cl Claimed
 				if err := rows.Scan(&cl.TaskID, &cl.Attempt, &cl.Node, &cl.Pool, &cl.Target, &cl.Deadline, &cl.External); err != nil {
@@ -145,17 +181,9 @@ func (s *Store) claimOn(ctx context.Context, c *pgx.Conn, term int64, req ClaimR
 	}
 	b.Queue("COMMIT")
 	if err := c.SendBatch(ctx, b).Close(); err != nil {
-		return nil, s.wrap("claim tasks", err)
+		return nil, err
 	}
-	// In claim_select's order. Every locked row is updated; were one not,
-	// it would simply stay READY.
-	out := make([]Claimed, 0, len(updated))
-	for _, id := range ids {
-		if cl, ok := updated[id]; ok {
-			out = append(out, cl)
-		}
-	}
-	return out, nil
+	return updated, nil
 }
 
 // Unclaim puts claimed attempts that were never started back to READY
