@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
@@ -62,6 +63,16 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 		server, err := strconv.ParseFloat(m[2], 64)
 		require.NoError(t, err)
 		require.Positive(t, server, "figure %s: server CPU per task", fig)
+		// The push is part of the round: sent first, acknowledged before
+		// the drain is seen.
+		w := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=.* wall=(\S+) push=(\S+) `).FindStringSubmatch(out)
+		require.NotNil(t, w, "figure %s without its push time:\n%s", fig, out)
+		wall, err := time.ParseDuration(w[1])
+		require.NoError(t, err)
+		push, err := time.ParseDuration(w[2])
+		require.NoError(t, err)
+		require.Positive(t, push, "figure %s: push time", fig)
+		require.LessOrEqual(t, push, wall, "figure %s: push time within the round's", fig)
 	}
 	require.Regexp(t, `(?m)^bench figure=limit_bookkeeping value=.* no query run\) server_cpu_us_per_task=[0-9.e+]+$`, out)
 	// The plain program ran every task (it fails otherwise), on as many
