@@ -157,11 +157,12 @@ func claimLock(ctx context.Context, c *pgx.Conn, req ClaimRequest,
 }
 
 // claimCommit is the claim's second round trip, in claimLock's
-// transaction: the fence (which fails with AS001, and so ends the
-// transaction, unless term is still the newest), claim_update.sql for each
-// group and COMMIT, sent at once. n is the number of ids in groups. It
-// returns the updated rows by task id. With nothing to update it still
-// checks the fence, so a superseded leader learns it at its next claim.
+// transaction: the fence (which fails with AS001 unless term is still the
+// newest, and then nothing after it runs: the transaction is aborted, and
+// ClaimTasks rolls it back), claim_update.sql for each group and COMMIT,
+// sent at once. n is the number of ids in groups. It returns the updated
+// rows by task id. With nothing to update it still checks the fence, so a
+// superseded leader learns it at its next claim.
 func claimCommit(ctx context.Context, c *pgx.Conn, term int64, now time.Time,
 	groups map[claimGroup][]int64, n int) (map[int64]Claimed, error) {
 	updated := make(map[int64]Claimed, n)

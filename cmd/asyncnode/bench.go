@@ -521,8 +521,8 @@ func (b *bench) printThroughput(label string, rounds []round) {
 // until all are processed: the seconds from the first entered to the last
 // processed, the wall time of the round and of its push (which those
 // seconds include: no node sees a task before the push commits), and the
-// CPU per task from the
-// end of the push to the end of the wait (cpuMeter.perTask).
+// CPU per task from the end of the push to the end of the wait
+// (cpuMeter.perTask).
 func (b *bench) throughputRound(ctx context.Context, label string, profile bool) (round, error) {
 	r := round{tasks: b.f.tasks}
 	if err := b.reset(ctx, true); err != nil {
