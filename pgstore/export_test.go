@@ -32,7 +32,7 @@ func (s *Store) ClaimLock(ctx context.Context, c *pgx.Conn, req ClaimRequest) ([
 		return nil, nil, s.wrap("claim tasks", err)
 	}
 	commit := func(term int64) error {
-		_, err := claimCommit(ctx, c, term, req.Now, groups, len(ids))
+		_, err := claimCommit(ctx, c, term, req.Now, groups)
 		if err != nil {
 			return s.wrap("claim tasks", err)
 		}

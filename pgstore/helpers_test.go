@@ -49,10 +49,17 @@ func connect(t testing.TB, dsn string) *pgx.Conn {
 func newDB(t testing.TB) (string, *pgstore.Store, *pgx.Conn) {
 	t.Helper()
 	dsn := h.DB(t)
+	return dsn, openStore(t, dsn), connect(t, dsn)
+}
+
+// openStore opens a store on dsn (another node's, when the test has one
+// already), closed at the end of the test.
+func openStore(t testing.TB, dsn string) *pgstore.Store {
+	t.Helper()
 	s, err := pgstore.Open(context.Background(), dsn+" pool_max_conns=4", testLogger(t))
 	require.NoError(t, err)
 	t.Cleanup(s.Close)
-	return dsn, s, connect(t, dsn)
+	return s
 }
 
 func exec(t testing.TB, c *pgx.Conn, sql string, args ...any) {

@@ -322,11 +322,11 @@ func TestStartTasksFindsEachAttemptInAnyOrder(t *testing.T) {
 	exec(t, c, `UPDATE async.target SET max_concurrency = 20 WHERE target = 'SELF'`)
 	push(t, c, "SELF", 20, "select 1")
 	takeLead(t, s, 1)
-	slots := make([]string, 20)
-	for i := range slots {
-		slots[i] = "n1"
+	n1 := make([]string, 20)
+	for i := range n1 {
+		n1[i] = "n1"
 	}
-	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: slots, Now: time.Now()})
+	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: n1, Now: time.Now()})
 	require.NoError(t, err)
 	require.Len(t, cl, 20)
 	// Newest first, and for every third task a wrong attempt of it too,
@@ -724,12 +724,10 @@ func TestStaleTermFencesLeaderWrites(t *testing.T) {
 	require.Len(t, claim(t, s, 4, 1, nil), 1)
 	require.NoError(t, old.Release(ctx))
 
-	s2, err := pgstore.Open(ctx, dsn, nil)
-	require.NoError(t, err)
-	defer s2.Close()
+	s2 := openStore(t, dsn)
 	takeLead(t, s2, 5)
 	before := snapshot(t, c)
-	_, err = s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 4, Slots: slots(5), Now: time.Now()})
+	_, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 4, Slots: slots(5), Now: time.Now()})
 	require.ErrorIs(t, err, pgstore.ErrStaleTerm)
 	_, err = s.TimeOutTasks(ctx, 4, time.Now().Add(48*time.Hour))
 	require.ErrorIs(t, err, pgstore.ErrStaleTerm)
@@ -857,9 +855,7 @@ func TestTakeoverDoesNotWaitForAStoppedClaim(t *testing.T) {
 	}
 	require.Equal(t, []string{"idle in transaction"}, stopped())
 
-	s2, err := pgstore.Open(ctx, dsn, nil)
-	require.NoError(t, err)
-	defer s2.Close()
+	s2 := openStore(t, dsn)
 	tctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	l2, err := s2.TakeLeadership(tctx, 2, "b", "test-cluster")
@@ -888,13 +884,10 @@ func TestTakeoverDoesNotWaitForAStoppedClaim(t *testing.T) {
 func TestSuccessorClaimsWhatAStoppedClaimLocked(t *testing.T) {
 	t.Parallel()
 	dsn, s, c := newDB(t)
-	ctx := ctxT(t)
 	pc, _ := stoppedClaim(t, s, c, "")
 	pid := pc.Conn().PgConn().PID()
 
-	s2, err := pgstore.Open(ctx, dsn, nil)
-	require.NoError(t, err)
-	defer s2.Close()
+	s2 := openStore(t, dsn)
 	takeLead(t, s2, 2)
 	var got []pgstore.Claimed
 	waitFor(t, "the successor to claim the stopped claim's tasks", func() bool {

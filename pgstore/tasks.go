@@ -102,7 +102,7 @@ func (s *Store) claimOn(ctx context.Context, c *pgx.Conn, term int64, req ClaimR
 	if err != nil {
 		return nil, s.wrap("claim tasks", err)
 	}
-	updated, err := claimCommit(ctx, c, term, req.Now, groups, len(ids))
+	updated, err := claimCommit(ctx, c, term, req.Now, groups)
 	if err != nil {
 		return nil, s.wrap("claim tasks", err)
 	}
@@ -160,12 +160,11 @@ func claimLock(ctx context.Context, c *pgx.Conn, req ClaimRequest,
 // transaction: the fence (which fails with AS001 unless term is still the
 // newest, and then nothing after it runs: the transaction is aborted, and
 // ClaimTasks rolls it back), claim_update.sql for each group and COMMIT,
-// sent at once. n is the number of ids in groups. It returns the updated
-// rows by task id. With nothing to update it still checks the fence, so a
+// sent at once. It returns the updated rows by task id. With nothing to update it still checks the fence, so a
 // superseded leader learns it at its next claim.
 func claimCommit(ctx context.Context, c *pgx.Conn, term int64, now time.Time,
-	groups map[claimGroup][]int64, n int) (map[int64]Claimed, error) {
-	updated := make(map[int64]Claimed, n)
+	groups map[claimGroup][]int64) (map[int64]Claimed, error) {
+	updated := map[int64]Claimed{}
 	b := &pgx.Batch{}
 	b.Queue(qAssertLeaderTerm, term)
 	for g, gids := range groups {
