@@ -25,6 +25,7 @@ import (
 	"github.com/asyncnode/asyncnode/agent"
 	"github.com/asyncnode/asyncnode/cluster"
 	"github.com/asyncnode/asyncnode/executor"
+	"github.com/asyncnode/asyncnode/internal/gctune"
 	"github.com/asyncnode/asyncnode/pgstore"
 )
 
@@ -104,6 +105,9 @@ func checkAddr(name, v string, allowEmpty bool) error {
 	return nil
 }
 
+// maxGCHeadroomMiB bounds --gc-headroom-mib: 64 GiB.
+const maxGCHeadroomMiB = 65536
+
 // maxTargetConns bounds --target-conns: far above what one PostgreSQL
 // server accepts by default, low enough to catch a typo.
 const maxTargetConns = 10000
@@ -112,6 +116,7 @@ type runFlags struct {
 	dsn, nodeID, dataDir, httpAddr, raftAddr, gossipAddr string
 	join                                                 listFlag
 	voters, maxTasks, targetConns, targetShortConns      int
+	gcHeadroomMiB                                        int
 	gossipKey, token, tlsCert, tlsKey, tlsCA             string
 	lostAfter, lease, shutdown, commitTimeout            time.Duration
 	targetLongAfter                                      time.Duration
@@ -140,6 +145,7 @@ func (r *runFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&r.lostAfter, "lost-after", 10*time.Second, "how long a node must be unreachable before its tasks are resolved as lost")
 	fs.DurationVar(&r.lease, "lease", 0, "how long this node keeps running tasks without contact with the leader (0: half of --lost-after, at least 1s)")
 	fs.DurationVar(&r.commitTimeout, "raft-commit-timeout", cluster.DefaultCommitTimeout, "longest wait for Raft to tell followers that entries committed when none follow (1ms-10s; shorter: sooner revocations on followers, more CPU when idle)")
+	fs.IntVar(&r.gcHeadroomMiB, "gc-headroom-mib", gctune.DefaultHeadroom>>20, "MiB the Go heap may grow above its live size before the garbage collector runs (0-65536; 0: Go's default, GOGC=100); not applied when GOGC is set")
 	fs.BoolVar(&r.pprof, "pprof", false, "serve Go profiles under /debug/pprof/ on the node API")
 	fs.DurationVar(&r.shutdown, "shutdown-timeout", 10*time.Second, "on SIGTERM, how long running tasks may finish before they are stopped")
 	r.log.register(fs)
@@ -176,6 +182,9 @@ func (r *runFlags) validate() (*agent.Config, error) {
 	}
 	if r.targetShortConns < 1 || r.targetShortConns > maxTargetConns {
 		return nil, usagef("--target-short-conns must be between 1 and %d, got %d", maxTargetConns, r.targetShortConns)
+	}
+	if r.gcHeadroomMiB < 0 || r.gcHeadroomMiB > maxGCHeadroomMiB {
+		return nil, usagef("--gc-headroom-mib must be between 0 and %d, got %d", maxGCHeadroomMiB, r.gcHeadroomMiB)
 	}
 	if r.targetLongAfter < time.Millisecond || r.targetLongAfter > time.Hour {
 		return nil, usagef("--target-long-after must be between 1ms and 1h, got %s", r.targetLongAfter)
@@ -249,6 +258,8 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer, env fu
 	if err != nil {
 		return err
 	}
+	stopTuner, _ := startGCTuner(ctx, rf.gcHeadroomMiB, env, log)
+	defer stopTuner()
 	if err := a.Start(ctx); err != nil {
 		return err
 	}
@@ -266,6 +277,33 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer, env fu
 	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	return a.Stop(sctx)
+}
+
+// startGCTuner runs the garbage collector's tuner (internal/gctune) with
+// headroomMiB, unless that is 0 or GOGC is set in env (the operator's
+// choice stands). It returns the function that stops it and waits for it,
+// which puts back the GOGC it found, and whether it runs.
+func startGCTuner(ctx context.Context, headroomMiB int, env func(string) string, log hclog.Logger) (stop func(), tuning bool) {
+	if headroomMiB == 0 {
+		return func() {}, false
+	}
+	if v := env("GOGC"); v != "" {
+		log.Info("GOGC is set; not tuning the garbage collector", "GOGC", v)
+		return func() {}, false
+	}
+	tctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	t := &gctune.Tuner{Headroom: uint64(headroomMiB) << 20, OnChange: func(live uint64, p int) {
+		log.Debug("garbage collector target set", "live_heap_bytes", live, "gogc", p)
+	}}
+	go func() {
+		defer close(done)
+		t.Run(tctx)
+	}()
+	return func() {
+		cancel()
+		<-done
+	}, true
 }
 
 // apiClient talks to a node's HTTP API.

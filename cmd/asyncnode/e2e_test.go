@@ -44,6 +44,8 @@ func TestBadFlagsExitTwoWithOneLine(t *testing.T) {
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--target-short-conns", "-3"}, "--target-short-conns"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--target-long-after", "0s"}, "--target-long-after"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--target-long-after", "2h"}, "--target-long-after"},
+		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--gc-headroom-mib", "-1"}, "--gc-headroom-mib"},
+		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--gc-headroom-mib", "65537"}, "--gc-headroom-mib"},
 		{[]string{"run", "--bogus"}, "bogus"},
 		{[]string{"dev", "--nodes", "0"}, "--nodes"},
 		{[]string{"join", "--http-addr", "127.0.0.1:1"}, "gossip address"},
