@@ -5,10 +5,10 @@
 // With Go's default GOGC of 100 a collection starts once the heap has
 // grown by the live heap's size. A node's live heap under load is a few
 // megabytes while it allocates a few kilobytes per task, so at thousands
-// of tasks a second it collected 20 times a second or more. The tuner
-// lets the heap grow by at least Headroom above the live heap instead:
-// GOGC = Headroom / live heap, never below 100 (Go's default, for large
-// heaps) and never above MaxPercent. The memory this costs is bounded by
+// of tasks a second it collected every 40 to 60 ms. The tuner lets the
+// heap grow by Headroom above the live heap instead: GOGC = 100 ×
+// Headroom / live heap, never below 100 (Go's default, which large heaps
+// keep) and never above MaxPercent. The memory this costs is bounded by
 // Headroom (plus the default's own growth for large heaps), and a memory
 // limit (GOMEMLIMIT) still applies on top of it.
 package gctune
