@@ -5,7 +5,7 @@
 // With Go's default GOGC of 100 a collection starts once the heap has
 // grown by the live heap's size. A node's live heap under load is a few
 // megabytes while it allocates a few kilobytes per task, so at thousands
-// of tasks a second it collected every 40 to 60 ms. The tuner lets the
+// of tasks a second it collected every 40 to 62 ms. The tuner lets the
 // heap grow by Headroom above the live heap instead: GOGC = 100 ×
 // Headroom / live heap, never below 100 (Go's default, which large heaps
 // keep) and never above MaxPercent. The memory this costs is bounded by
