@@ -38,11 +38,10 @@ func TestMain(m *testing.M) {
 	//
 	// Node.await waits for a Raft future on a goroutine of its own and
 	// returns when the node stops. Raft does not answer every future at
-	// shutdown (raft's FSM goroutine returns at shutdown without answering
-	// the committed entries still queued for it, in fsmMutateCh), so that
-	// goroutine can stay blocked in the future's Error until the process ends; seen
-	// once, in a fresh-clone CI run (2026-12-06). It holds nothing but the
-	// future.
+	// shutdown (its FSM goroutine returns without answering the committed
+	// entries still queued for it, in fsmMutateCh), so that goroutine can
+	// stay blocked in the future's Error until the process ends; seen once,
+	// in a fresh-clone CI run (2026-12-06). It holds nothing but the future.
 	goleak.VerifyTestMain(m,
 		goleak.IgnoreTopFunction("github.com/hashicorp/memberlist.(*Memberlist).probeNode"),
 		goleak.IgnoreAnyFunction("github.com/asyncnode/asyncnode/cluster.(*Node).await.func1"))

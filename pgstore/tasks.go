@@ -160,11 +160,16 @@ func claimLock(ctx context.Context, c *pgx.Conn, req ClaimRequest,
 // transaction: the fence (which fails with AS001 unless term is still the
 // newest, and then nothing after it runs: the transaction is aborted, and
 // ClaimTasks rolls it back), claim_update.sql for each group and COMMIT,
-// sent at once. It returns the updated rows by task id. With nothing to update it still checks the fence, so a
-// superseded leader learns it at its next claim.
+// sent at once. It returns the updated rows by task id. With nothing to
+// update it still checks the fence, so a superseded leader learns it at its
+// next claim.
 func claimCommit(ctx context.Context, c *pgx.Conn, term int64, now time.Time,
 	groups map[claimGroup][]int64) (map[int64]Claimed, error) {
-	updated := map[int64]Claimed{}
+	n := 0
+	for _, gids := range groups {
+		n += len(gids)
+	}
+	updated := make(map[int64]Claimed, n) // sized once: a claim takes up to hundreds
 	b := &pgx.Batch{}
 	b.Queue(qAssertLeaderTerm, term)
 	for g, gids := range groups {
