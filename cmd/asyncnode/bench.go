@@ -41,6 +41,7 @@ type benchFlags struct {
 	profileDir     string
 	soak           time.Duration
 	soakRate       int
+	nodeFlags      listFlag
 }
 
 // bench is one benchmark run: a server database, a node cluster, figures.
@@ -57,6 +58,9 @@ type bench struct {
 	lines  []string
 	figure map[string]float64
 	cpu    cpuMeter
+	// nodeArgs are --node-flag's `asyncnode run` arguments, given to every
+	// node bench starts.
+	nodeArgs []string
 }
 
 // benchDB is one database bench measures in.
@@ -86,6 +90,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	fs.StringVar(&f.logLevel, "log-level", "warn", "node log level (logs go to files)")
 	fs.DurationVar(&f.soak, "soak", 0, "also push --soak-rate tasks/s for this long and report every node's RSS after the first minute and at the end (e.g. 10m; 0: no soak round)")
 	fs.IntVar(&f.soakRate, "soak-rate", 2000, "tasks/s pushed during --soak")
+	fs.Var(&f.nodeFlags, "node-flag", "an `asyncnode run` flag for every node bench starts, as name=value (repeatable or comma-separated, e.g. target-long-after=200ms,target-short-conns=8); not one that bench sets itself; the scale-out figure's --max-tasks (--per-node) wins over one given here")
 	if err := parse(fs, args, env); err != nil {
 		return err
 	}
@@ -117,13 +122,17 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	if err := positive("push-for", f.push); err != nil {
 		return err
 	}
+	nodeArgs, err := nodeRunArgs(f.nodeFlags)
+	if err != nil {
+		return err
+	}
 	if f.profileDir != "" {
 		// Found out before the run, not when the first profile is due.
 		if err := os.MkdirAll(f.profileDir, 0o755); err != nil {
 			return usagef("--profile-dir: %v", err)
 		}
 	}
-	b := &bench{f: f, out: stdout, figure: map[string]float64{}}
+	b := &bench{f: f, out: stdout, figure: map[string]float64{}, nodeArgs: nodeArgs}
 	return b.run(ctx, stderr)
 }
 
@@ -132,6 +141,9 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	log, err := lf.logger(stderr)
 	if err != nil {
 		return err
+	}
+	if len(b.nodeArgs) > 0 {
+		fmt.Fprintf(b.out, "bench: every node runs with %s\n", strings.Join(b.nodeArgs, " "))
 	}
 	b.dsn = b.f.dsn
 	if b.dsn == "" {
@@ -283,7 +295,8 @@ func (b *bench) startCluster(ctx context.Context, n int, extra ...string) error 
 	if b.f.profileSeconds > 0 {
 		extra = append(extra, "--pprof")
 	}
-	lc, err := startLocalCluster(b.dsn, dir, n, b.f.logLevel, extra...)
+	// bench's own come last: the last of a repeated flag wins.
+	lc, err := startLocalCluster(b.dsn, dir, n, b.f.logLevel, append(slices.Clone(b.nodeArgs), extra...)...)
 	if err != nil {
 		return err
 	}

@@ -34,6 +34,8 @@ func TestBadFlagsExitTwoWithOneLine(t *testing.T) {
 		{[]string{"bench", "--profile-seconds", "5"}, "--profile-seconds"},
 		{[]string{"bench", "--profile-dir", "/dev/null/profiles"}, "--profile-dir"},
 		{[]string{"bench", "--soak", "50ms"}, "--soak"},
+		{[]string{"bench", "--node-flag", "target-short-conns=0"}, "--target-short-conns must be between 1 and"},
+		{[]string{"bench", "--node-flag", "http-addr=127.0.0.1:1"}, "bench sets --http-addr"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--raft-commit-timeout", "0s"}, "--raft-commit-timeout"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--raft-commit-timeout", "20s"}, "--raft-commit-timeout"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "2s", "--lease", "3s"}, "--lease"},
