@@ -58,9 +58,10 @@ type bench struct {
 	lines  []string
 	figure map[string]float64
 	cpu    cpuMeter
-	// nodeArgs are --node-flag's `asyncnode run` arguments, given to every
-	// node bench starts.
-	nodeArgs []string
+	// nodeFlagArgs are --node-flag's `asyncnode run` arguments, given to
+	// every node bench starts (nodeArgs); nodeFlagsShown the same with
+	// secrets masked, as bench prints them.
+	nodeFlagArgs, nodeFlagsShown []string
 }
 
 // benchDB is one database bench measures in.
@@ -122,7 +123,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	if err := positive("push-for", f.push); err != nil {
 		return err
 	}
-	nodeArgs, err := nodeRunArgs(f.nodeFlags)
+	nodeFlagArgs, nodeFlagsShown, err := nodeRunArgs(f.nodeFlags)
 	if err != nil {
 		return err
 	}
@@ -132,7 +133,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 			return usagef("--profile-dir: %v", err)
 		}
 	}
-	b := &bench{f: f, out: stdout, figure: map[string]float64{}, nodeArgs: nodeArgs}
+	b := &bench{f: f, out: stdout, figure: map[string]float64{}, nodeFlagArgs: nodeFlagArgs, nodeFlagsShown: nodeFlagsShown}
 	return b.run(ctx, stderr)
 }
 
@@ -142,8 +143,8 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if len(b.nodeArgs) > 0 {
-		fmt.Fprintf(b.out, "bench: every node runs with %s\n", strings.Join(b.nodeArgs, " "))
+	if len(b.nodeFlagsShown) > 0 {
+		fmt.Fprintf(b.out, "bench: every node runs with %s\n", strings.Join(b.nodeFlagsShown, " "))
 	}
 	b.dsn = b.f.dsn
 	if b.dsn == "" {
@@ -292,11 +293,7 @@ func (b *bench) startCluster(ctx context.Context, n int, extra ...string) error 
 	if err != nil {
 		return err
 	}
-	if b.f.profileSeconds > 0 {
-		extra = append(extra, "--pprof")
-	}
-	// bench's own come last: the last of a repeated flag wins.
-	lc, err := startLocalCluster(b.dsn, dir, n, b.f.logLevel, append(slices.Clone(b.nodeArgs), extra...)...)
+	lc, err := startLocalCluster(b.dsn, dir, n, b.f.logLevel, b.nodeArgs(extra...)...)
 	if err != nil {
 		return err
 	}

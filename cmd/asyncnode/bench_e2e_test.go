@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -177,25 +176,4 @@ func TestWithDatabase(t *testing.T) {
 	cfg, err := pgx.ParseConfig(got)
 	require.NoError(t, err)
 	require.Equal(t, `o'd\\b`, cfg.Database, "a name with a quote and a backslash")
-}
-
-// TestBenchNodeFlagsReachTheNodes: --node-flag is given to the nodes bench
-// starts. Certificate files that do not exist pass bench's own checks (the
-// three TLS flags are given together) but stop the node at start, which
-// names the file in its log: that proves they reached it.
-func TestBenchNodeFlagsReachTheNodes(t *testing.T) {
-	missing := t.TempDir() + "/missing-"
-	out, errOut, code := runCLI(t, nil, "bench", "--tasks", "50", "--rounds", "1", "--samples", "1", "--clients", "1", "--push-for", "100ms",
-		"--node-flag", "tls-cert="+missing+"cert.pem,tls-key="+missing+"key.pem", "--node-flag", "--tls-ca="+missing+"ca.pem")
-	require.Equal(t, 1, code, "bench should fail once its node cannot start:\n%s\n%s", out, errOut)
-	require.Contains(t, out, "bench: every node runs with --tls-cert="+missing+"cert.pem --tls-key="+missing+"key.pem --tls-ca="+missing+"ca.pem\n")
-	kept := regexp.MustCompile(`(?m)^bench: node logs kept in (\S+)$`).FindStringSubmatch(out)
-	require.NotNil(t, kept, "bench did not say where the node logs are:\n%s", out)
-	t.Cleanup(func() { os.RemoveAll(kept[1]) })
-	m := regexp.MustCompile(`node1 exited during startup; see (\S+)`).FindStringSubmatch(errOut)
-	require.NotNil(t, m, "bench did not report the node's exit:\n%s", errOut)
-	require.True(t, strings.HasPrefix(m[1], kept[1]+"/"), "node log %s outside %s", m[1], kept[1])
-	log, err := os.ReadFile(m[1])
-	require.NoError(t, err)
-	require.Contains(t, string(log), missing+"cert.pem", "the node did not get --tls-cert")
 }

@@ -3,21 +3,34 @@ package main
 import (
 	"flag"
 	"io"
+	"slices"
 	"strings"
 )
 
-// benchSetsNodeFlag says whether bench gives its nodes the `run` flag name
-// itself, and if so what to use instead (empty: nothing).
-func benchSetsNodeFlag(name string) (sets bool, instead string) {
+// refusedNodeFlag says why bench does not take the `run` flag name in
+// --node-flag, or "" if it does: bench sets some itself, and it reaches
+// its nodes' API over plain HTTP without a token.
+func refusedNodeFlag(name string) string {
 	switch name {
 	case "dsn":
-		return true, "--bench-dsn"
+		return "bench sets --dsn for its nodes itself; use --bench-dsn"
 	case "log-level":
-		return true, "bench's --log-level"
+		return "bench sets --log-level for its nodes itself; use bench's --log-level"
 	case "node-id", "data-dir", "http-addr", "raft-addr", "gossip-addr", "join", "voters", "shutdown-timeout":
-		return true, ""
+		return "bench sets --" + name + " for its nodes itself"
+	case "tls-cert", "tls-key", "tls-ca", "token":
+		return "bench reaches its nodes' API over plain HTTP without a token, so it cannot run them with --" + name
 	}
-	return false, ""
+	return ""
+}
+
+// shownNodeFlag is name=value as bench prints it: the value of a secret
+// masked as connection strings' passwords are.
+func shownNodeFlag(name, value string) string {
+	if name == "gossip-key" {
+		value = "xxxxx"
+	}
+	return name + "=" + value
 }
 
 // nodeRunArgs turns bench's --node-flag values (name=value, the name with
@@ -27,36 +40,43 @@ func benchSetsNodeFlag(name string) (sets bool, instead string) {
 // checks (ranges, flags that go together), so that a mistake is reported
 // in one line before bench starts anything rather than as a node that
 // exits during the run.
-func nodeRunArgs(items []string) ([]string, error) {
+func nodeRunArgs(items []string) (args, shown []string, err error) {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	var rf runFlags
 	rf.register(fs)
-	args := make([]string, 0, len(items))
 	for _, it := range items {
 		name, value, ok := strings.Cut(strings.TrimLeft(it, "-"), "=")
 		if !ok || name == "" {
-			return nil, usagef("--node-flag %q: give it as name=value, e.g. target-long-after=200ms", it)
+			return nil, nil, usagef("--node-flag %q: give it as name=value, e.g. target-long-after=200ms", it)
 		}
 		f := fs.Lookup(name)
 		if f == nil {
-			return nil, usagef("--node-flag %q: asyncnode run has no flag --%s", it, name)
+			return nil, nil, usagef("--node-flag %q: asyncnode run has no flag --%s", name, name)
 		}
-		if sets, instead := benchSetsNodeFlag(name); sets {
-			if instead != "" {
-				return nil, usagef("--node-flag %q: bench sets --%s for its nodes itself; use %s", it, name, instead)
-			}
-			return nil, usagef("--node-flag %q: bench sets --%s for its nodes itself", it, name)
+		if why := refusedNodeFlag(name); why != "" {
+			return nil, nil, usagef("--node-flag %q: %s", name, why)
 		}
 		if err := f.Value.Set(value); err != nil {
-			return nil, usagef("--node-flag %q: invalid value for --%s: %v", it, name, err)
+			return nil, nil, usagef("--node-flag %q: invalid value for --%s: %v", shownNodeFlag(name, value), name, err)
 		}
 		args = append(args, "--"+name+"="+value)
+		shown = append(shown, "--"+shownNodeFlag(name, value))
 	}
 	// What bench sets itself, so that run's checks see a whole command line.
 	rf.nodeID, rf.dataDir, rf.dsn = "node1", "node1", "host=127.0.0.1"
 	if _, err := rf.validate(); err != nil {
-		return nil, usagef("--node-flag: %v", err)
+		return nil, nil, usagef("--node-flag: %v", err)
 	}
-	return args, nil
+	return args, shown, nil
+}
+
+// nodeArgs is what bench adds to every node's command line, extra (its
+// own flags for one cluster) last: the last of a repeated flag wins.
+func (b *bench) nodeArgs(extra ...string) []string {
+	args := slices.Clone(b.nodeFlagArgs)
+	if b.f.profileSeconds > 0 {
+		args = append(args, "--pprof")
+	}
+	return append(args, extra...)
 }

@@ -36,6 +36,7 @@ func TestBadFlagsExitTwoWithOneLine(t *testing.T) {
 		{[]string{"bench", "--soak", "50ms"}, "--soak"},
 		{[]string{"bench", "--node-flag", "target-short-conns=0"}, "--target-short-conns must be between 1 and"},
 		{[]string{"bench", "--node-flag", "http-addr=127.0.0.1:1"}, "bench sets --http-addr"},
+		{[]string{"bench", "--node-flag", "tls-cert=/c.pem,tls-key=/k.pem,tls-ca=/ca.pem"}, "cannot run them with --tls-cert"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--raft-commit-timeout", "0s"}, "--raft-commit-timeout"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--raft-commit-timeout", "20s"}, "--raft-commit-timeout"},
 		{[]string{"run", "--node-id", "a", "--data-dir", "/tmp/x", "--lost-after", "2s", "--lease", "3s"}, "--lease"},
