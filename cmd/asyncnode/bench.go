@@ -59,9 +59,8 @@ type bench struct {
 	figure map[string]float64
 	cpu    cpuMeter
 	// nodeFlagArgs are --node-flag's `asyncnode run` arguments, given to
-	// every node bench starts (nodeArgs); nodeFlagsShown the same with
-	// secrets masked, as bench prints them.
-	nodeFlagArgs, nodeFlagsShown []string
+	// every node bench starts (nodeArgs).
+	nodeFlagArgs []string
 }
 
 // benchDB is one database bench measures in.
@@ -123,7 +122,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	if err := positive("push-for", f.push); err != nil {
 		return err
 	}
-	nodeFlagArgs, nodeFlagsShown, err := nodeRunArgs(f.nodeFlags)
+	nodeFlagArgs, err := nodeRunArgs(f.nodeFlags)
 	if err != nil {
 		return err
 	}
@@ -133,7 +132,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 			return usagef("--profile-dir: %v", err)
 		}
 	}
-	b := &bench{f: f, out: stdout, figure: map[string]float64{}, nodeFlagArgs: nodeFlagArgs, nodeFlagsShown: nodeFlagsShown}
+	b := &bench{f: f, out: stdout, figure: map[string]float64{}, nodeFlagArgs: nodeFlagArgs}
 	return b.run(ctx, stderr)
 }
 
@@ -143,8 +142,8 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if len(b.nodeFlagsShown) > 0 {
-		fmt.Fprintf(b.out, "bench: every node runs with %s\n", strings.Join(b.nodeFlagsShown, " "))
+	if len(b.nodeFlagArgs) > 0 {
+		fmt.Fprintf(b.out, "bench: every node runs with %s\n", strings.Join(shownNodeArgs(b.nodeFlagArgs), " "))
 	}
 	b.dsn = b.f.dsn
 	if b.dsn == "" {

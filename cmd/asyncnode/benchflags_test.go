@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -11,16 +12,17 @@ import (
 // every mistake is refused in one line before anything starts.
 func TestNodeRunArgs(t *testing.T) {
 	key := "c2l4dGVlbi1ieXRlLWtleQ==" // 16 bytes
-	args, shown, err := nodeRunArgs([]string{"target-long-after=200ms", "--target-short-conns=8", "pprof=true", "gossip-key=" + key})
+	args, err := nodeRunArgs([]string{"target-long-after=200ms", "--target-short-conns=8", "pprof=true", "gossip-key=" + key})
 	require.NoError(t, err)
 	require.Equal(t, []string{"--target-long-after=200ms", "--target-short-conns=8", "--pprof=true", "--gossip-key=" + key}, args)
-	require.Equal(t, []string{"--target-long-after=200ms", "--target-short-conns=8", "--pprof=true", "--gossip-key=xxxxx"}, shown,
+	require.Equal(t, []string{"--target-long-after=200ms", "--target-short-conns=8", "--pprof=true", "--gossip-key=xxxxx"}, shownNodeArgs(args),
 		"what bench prints must not show the gossip key")
+	require.Equal(t, "--gossip-key="+key, args[3], "shownNodeArgs changed the arguments")
 
-	args, shown, err = nodeRunArgs(nil)
+	args, err = nodeRunArgs(nil)
 	require.NoError(t, err)
 	require.Empty(t, args)
-	require.Empty(t, shown)
+	require.Empty(t, shownNodeArgs(args))
 
 	for _, c := range []struct {
 		items []string
@@ -41,14 +43,29 @@ func TestNodeRunArgs(t *testing.T) {
 		{[]string{"gossip-key=s3cret"}, "--node-flag: --gossip-key must be base64"},
 		{[]string{"lost-after=2s", "lease=3s"}, "--node-flag: --lease (3s) must be shorter than --lost-after (2s)"},
 	} {
-		args, shown, err := nodeRunArgs(c.items)
+		args, err := nodeRunArgs(c.items)
 		require.ErrorContains(t, err, c.want, "%v", c.items)
 		require.NotContains(t, err.Error(), "s3cret", "a secret in the message")
 		var ue usageError
 		require.True(t, errors.As(err, &ue), "%v: %v is not a usage error (exit 2)", c.items, err)
 		require.Nil(t, args)
-		require.Nil(t, shown)
 	}
+}
+
+// TestNodeRunArgsRefusesWhatBenchSets: every `run` flag on the command
+// line bench gives its nodes (localNodeArgs) is refused in --node-flag.
+func TestNodeRunArgsRefusesWhatBenchSets(t *testing.T) {
+	n := 0
+	for _, a := range localNodeArgs("d", "dir", "node2", [3]string{"a", "b", "c"}, 3, "warn", "j") {
+		name, ok := strings.CutPrefix(a, "--")
+		if !ok {
+			continue
+		}
+		n++
+		_, err := nodeRunArgs([]string{name + "=x"})
+		require.ErrorContains(t, err, "bench sets --"+name+" for its nodes itself", "--%s", name)
+	}
+	require.Equal(t, 10, n, "flags on a joining node's command line")
 }
 
 // TestBenchNodeArgs: every node bench starts gets the --node-flag

@@ -51,13 +51,11 @@ func startLocalCluster(dsn, dir string, n int, logLevel string, extra ...string)
 	for i := 1; i <= n; i++ {
 		ports := all[3*(i-1) : 3*i]
 		id := "node" + strconv.Itoa(i)
-		args := []string{"run", "--dsn", dsn, "--node-id", id, "--data-dir", filepath.Join(dir, id),
-			"--http-addr", addr(ports[0]), "--raft-addr", addr(ports[1]), "--gossip-addr", addr(ports[2]),
-			"--voters", strconv.Itoa(voters), "--log-level", logLevel, "--shutdown-timeout", "3s"}
+		join := ""
 		if len(lc.children) > 0 {
-			args = append(args, "--join", lc.children[0].gossip)
+			join = lc.children[0].gossip
 		}
-		args = append(args, extra...)
+		args := append(localNodeArgs(dsn, dir, id, [3]string{addr(ports[0]), addr(ports[1]), addr(ports[2])}, voters, logLevel, join), extra...)
 		c := &localNode{id: id, api: addr(ports[0]), gossip: addr(ports[2]), done: make(chan struct{}),
 			logPath: filepath.Join(dir, id+".log")}
 		logf, err := os.Create(c.logPath)
@@ -79,6 +77,20 @@ func startLocalCluster(dsn, dir string, n int, logLevel string, extra ...string)
 		lc.children = append(lc.children, c)
 	}
 	return lc, nil
+}
+
+// localNodeArgs is the command line of node id of a local cluster: its
+// data directory under dir, its API, Raft and gossip addresses, and join,
+// the first node's gossip address, for every node but the first ("").
+// Flags given to every node come after it.
+func localNodeArgs(dsn, dir, id string, addrs [3]string, voters int, logLevel, join string) []string {
+	args := []string{"run", "--dsn", dsn, "--node-id", id, "--data-dir", filepath.Join(dir, id),
+		"--http-addr", addrs[0], "--raft-addr", addrs[1], "--gossip-addr", addrs[2],
+		"--voters", strconv.Itoa(voters), "--log-level", logLevel, "--shutdown-timeout", "3s"}
+	if join != "" {
+		args = append(args, "--join", join)
+	}
+	return args
 }
 
 // waitReady waits until a leader dispatches and every node is a live member.

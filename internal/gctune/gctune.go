@@ -62,8 +62,13 @@ type Tuner struct {
 	OnChange func(live uint64, percent int)
 }
 
-// read reads the heap marked live by the last collection and the GOGC in
-// force.
+// newSamples is what read reads: the heap marked live by the last
+// collection and the GOGC in force.
+func newSamples() []metrics.Sample {
+	return []metrics.Sample{{Name: "/gc/heap/live:bytes"}, {Name: "/gc/gogc:percent"}}
+}
+
+// read reads s (newSamples).
 func read(s []metrics.Sample) (live uint64, percent int) {
 	metrics.Read(s)
 	if s[0].Value.Kind() == metrics.KindUint64 {
@@ -78,8 +83,7 @@ func read(s []metrics.Sample) (live uint64, percent int) {
 
 // Current is the GOGC in force (negative: collection is off).
 func Current() int {
-	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}, {Name: "/gc/gogc:percent"}}
-	_, p := read(s)
+	_, p := read(newSamples())
 	return p
 }
 
@@ -93,7 +97,7 @@ func (t *Tuner) Run(ctx context.Context) {
 	if interval <= 0 {
 		interval = DefaultInterval
 	}
-	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}, {Name: "/gc/gogc:percent"}}
+	s := newSamples()
 	_, initial := read(s)
 	if initial <= 0 {
 		// Collection is off (GOGC=off: not ours to turn on), or the
