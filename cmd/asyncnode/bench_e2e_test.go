@@ -58,11 +58,16 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	// CPU per task (Linux /proc): the nodes' and the throwaway server's; a
 	// round of 500 tasks costs the server tens of milliseconds.
 	for _, fig := range []string{"throughput_empty", "throughput_history"} {
-		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=.* node_cpu_us_per_task=([0-9.e+]+) server_cpu_us_per_task=([0-9.e+]+)$`).FindStringSubmatch(out)
-		require.NotNil(t, m, "figure %s without its CPU per task:\n%s", fig, out)
+		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=.* node_cpu_us_per_task=([0-9.e+]+) server_cpu_us_per_task=([0-9.e+]+)` +
+			` node_reads_per_task=([0-9.e+]+) node_writes_per_task=([0-9.e+]+)$`).FindStringSubmatch(out)
+		require.NotNil(t, m, "figure %s without its CPU and system calls per task:\n%s", fig, out)
 		server, err := strconv.ParseFloat(m[2], 64)
 		require.NoError(t, err)
 		require.Positive(t, server, "figure %s: server CPU per task", fig)
+		// Every task is at least one write (its text and the session reset)
+		// and one read (its answer) on a connection of its own.
+		require.GreaterOrEqual(t, atof(t, m[3]), 1.0, "figure %s: node reads per task", fig)
+		require.GreaterOrEqual(t, atof(t, m[4]), 1.0, "figure %s: node writes per task", fig)
 		// The push is part of the round: sent first, acknowledged before
 		// the drain is seen.
 		w := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=.* wall=(\S+) push=(\S+) `).FindStringSubmatch(out)
@@ -77,7 +82,7 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	require.Regexp(t, `(?m)^bench figure=limit_bookkeeping value=.* no query run\) server_cpu_us_per_task=[0-9.e+]+$`, out)
 	// The plain program ran every task (it fails otherwise), on as many
 	// sessions as a node uses for short tasks; bench's own CPU plays the node's.
-	require.Regexp(t, `(?m)^bench figure=limit_plain_node value=\S+ unit=tasks/s tasks=500 rounds=2 each=\S+ task_sessions=16 .* node_cpu_us_per_task=[0-9.e+]+ server_cpu_us_per_task=[0-9.e+]+$`, out)
+	require.Regexp(t, `(?m)^bench figure=limit_plain_node value=\S+ unit=tasks/s tasks=500 rounds=2 each=\S+ task_sessions=16 .* node_cpu_us_per_task=[0-9.e+]+ server_cpu_us_per_task=[0-9.e+]+ node_reads_per_task=[0-9.e+]+ node_writes_per_task=[0-9.e+]+$`, out)
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_consumed unit=ms nodes=1 samples=5 p50=`, out)
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_processed_history unit=ms`, out)
 	require.Regexp(t, `(?m)^bench figure=soak_rss_node1 value=\S+ \(anonymous RSS at end / after 1s\) anon_kib=[1-9]\d*,[1-9]\d* file_kib=\d+,\d+ rss_kib=[1-9]\d*,[1-9]\d* `, out)
@@ -120,7 +125,7 @@ func TestBenchOnAGivenDatabase(t *testing.T) {
 	require.Equal(t, 0, code, "bench failed:\n%s\n%s", out, errOut)
 	require.NotContains(t, out, "starting a throwaway PostgreSQL")
 	require.Regexp(t, `(?m)^bench figure=history_vs_empty value=\S+ rounds=1 `, out)
-	require.Regexp(t, `(?m)^bench figure=throughput_empty value=.* node_cpu_us_per_task=[0-9.e+]+ server_cpu_us_per_task=[0-9.e+]+$`, out)
+	require.Regexp(t, `(?m)^bench figure=throughput_empty value=.* node_cpu_us_per_task=[0-9.e+]+ server_cpu_us_per_task=[0-9.e+]+ node_reads_per_task=[0-9.e+]+ node_writes_per_task=[0-9.e+]+$`, out)
 	require.Regexp(t, `(?m)^bench figure=limit_bookkeeping value=.* server_cpu_us_per_task=[0-9.e+]+$`, out)
 
 	db := pool(t, dsn)

@@ -27,11 +27,17 @@ type procTimes struct {
 // readProcTimes parses /proc/<pid>/stat. The command name (field 2) may
 // hold spaces and parentheses, so the fields are counted from the last ')'.
 func readProcTimes(pid int) (procTimes, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	return readProcFile(pid, "stat", parseProcStat)
+}
+
+// readProcFile reads /proc/<pid>/<name> and parses it with parse.
+func readProcFile[T any](pid int, name string, parse func(pid int, s string) (T, error)) (T, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, name))
 	if err != nil {
-		return procTimes{}, err
+		var zero T
+		return zero, err
 	}
-	return parseProcStat(pid, string(b))
+	return parse(pid, string(b))
 }
 
 func parseProcStat(pid int, s string) (procTimes, error) {
@@ -63,20 +69,30 @@ type cpuMeter struct {
 	postmaster int          // 0: the server's CPU is not measured
 }
 
-// cpuSample is the CPU time used so far, in ticks.
+// cpuSample is the CPU time used so far, in ticks, and the nodes' read
+// and write system calls so far.
 type cpuSample struct {
 	node, server int64
 	ok           bool // false: /proc is not readable here (not Linux)
+	calls        procCalls
+	callsOK      bool // false: some node's /proc/<pid>/io could not be read
 }
 
 func (m cpuMeter) sample() cpuSample {
 	var s cpuSample
+	s.callsOK = true
 	for _, pid := range m.nodes() {
 		t, err := readProcTimes(pid)
 		if err != nil {
 			return cpuSample{}
 		}
 		s.node += t.self
+		c, err := readProcCalls(pid)
+		if err != nil {
+			s.callsOK = false
+		}
+		s.calls.reads += c.reads
+		s.calls.writes += c.writes
 	}
 	if m.postmaster != 0 {
 		srv, err := serverTicks(m.postmaster)
@@ -87,6 +103,44 @@ func (m cpuMeter) sample() cpuSample {
 	}
 	s.ok = true
 	return s
+}
+
+// procCalls is a process's read and write system calls so far, as
+// /proc/<pid>/io counts them (syscr, syscw: read(2) and write(2) and
+// their vector and positioned forms; Go reads and writes its sockets
+// with these). Unlike CPU time, they do not vary with the machine's speed:
+// a task whose text and session reset go out in one write adds one.
+type procCalls struct{ reads, writes int64 }
+
+// readProcCalls parses /proc/<pid>/io (readable for one's own processes,
+// or as root).
+func readProcCalls(pid int) (procCalls, error) {
+	return readProcFile(pid, "io", parseProcIO)
+}
+
+func parseProcIO(pid int, s string) (procCalls, error) {
+	var c procCalls
+	var seen int
+	for line := range strings.Lines(s) {
+		name, v, ok := strings.Cut(strings.TrimSpace(line), ":")
+		if !ok || (name != "syscr" && name != "syscw") {
+			continue
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		if err != nil {
+			return procCalls{}, fmt.Errorf("/proc/%d/io %s: %w", pid, name, err)
+		}
+		if name == "syscr" {
+			c.reads = n
+		} else {
+			c.writes = n
+		}
+		seen++
+	}
+	if seen != 2 {
+		return procCalls{}, fmt.Errorf("/proc/%d/io: no syscr and syscw lines", pid)
+	}
+	return c, nil
 }
 
 // serverTicks is the CPU time of postmaster and of all its children, live
@@ -165,8 +219,10 @@ func processGone(err error) bool {
 }
 
 // perTask renders the CPU used between two samples as microseconds per
-// task: " node_cpu_us_per_task=.. server_cpu_us_per_task=.." (each part
-// only when measured), or "" when /proc could not be read.
+// task, and the nodes' read and write system calls per task:
+// " node_cpu_us_per_task=.. server_cpu_us_per_task=.. node_reads_per_task=..
+// node_writes_per_task=.." (each part only when measured), or "" when
+// /proc could not be read.
 func (m cpuMeter) perTask(before, after cpuSample, tasks int) string {
 	if !before.ok || !after.ok || tasks <= 0 {
 		return ""
@@ -180,6 +236,11 @@ func (m cpuMeter) perTask(before, after cpuSample, tasks int) string {
 	}
 	if m.postmaster != 0 {
 		b.WriteString(" server_cpu_us_per_task=" + us(after.server-before.server))
+	}
+	if len(m.nodes()) > 0 && before.callsOK && after.callsOK {
+		per := func(n int64) string { return num(float64(n) / float64(tasks)) }
+		b.WriteString(" node_reads_per_task=" + per(after.calls.reads-before.calls.reads) +
+			" node_writes_per_task=" + per(after.calls.writes-before.calls.writes))
 	}
 	return b.String()
 }

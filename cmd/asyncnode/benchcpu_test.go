@@ -122,15 +122,39 @@ func TestProcessGone(t *testing.T) {
 
 func TestCPUPerTask(t *testing.T) {
 	m := cpuMeter{nodes: func() []int { return []int{1, 2} }, postmaster: 9}
-	before := cpuSample{node: 100, server: 1000, ok: true}
-	after := cpuSample{node: 160, server: 1240, ok: true}
-	// 60 ticks = 600 ms over 10,000 tasks = 60 µs per task; 240 ticks = 240 µs.
-	require.Equal(t, " node_cpu_us_per_task=60 server_cpu_us_per_task=240", m.perTask(before, after, 10000))
+	before := cpuSample{node: 100, server: 1000, ok: true, calls: procCalls{reads: 500, writes: 700}, callsOK: true}
+	after := cpuSample{node: 160, server: 1240, ok: true, calls: procCalls{reads: 16000, writes: 10500}, callsOK: true}
+	// 60 ticks = 600 ms over 10,000 tasks = 60 µs per task; 240 ticks = 240 µs;
+	// 15,500 reads and 9,800 writes over 10,000 tasks.
+	require.Equal(t, " node_cpu_us_per_task=60 server_cpu_us_per_task=240 node_reads_per_task=1.55 node_writes_per_task=0.98", m.perTask(before, after, 10000))
 	require.Empty(t, m.perTask(cpuSample{}, after, 10000), "no figure without a first sample")
 	require.Empty(t, m.perTask(before, after, 0))
+	noCalls := after
+	noCalls.callsOK = false
+	require.Equal(t, " node_cpu_us_per_task=60 server_cpu_us_per_task=240", m.perTask(before, noCalls, 10000), "no system calls when /proc/<pid>/io could not be read")
 	m.postmaster = 0
-	require.Equal(t, " node_cpu_us_per_task=60", m.perTask(before, after, 10000), "no server figure when the server is not measured")
+	require.Equal(t, " node_cpu_us_per_task=60 node_reads_per_task=1.55 node_writes_per_task=0.98", m.perTask(before, after, 10000), "no server figure when the server is not measured")
 	m.nodes = func() []int { return nil }
 	m.postmaster = 9
 	require.Equal(t, " server_cpu_us_per_task=240", m.perTask(before, after, 10000), "limit_bookkeeping: no nodes yet")
+}
+
+func TestParseProcIO(t *testing.T) {
+	io := "rchar: 2012\nwchar: 880\nsyscr: 155\nsyscw: 98\nread_bytes: 0\nwrite_bytes: 4096\ncancelled_write_bytes: 0\n"
+	c, err := parseProcIO(7, io)
+	require.NoError(t, err)
+	require.Equal(t, procCalls{reads: 155, writes: 98}, c)
+	_, err = parseProcIO(7, "rchar: 2012\nwchar: 880\n")
+	require.ErrorContains(t, err, "/proc/7/io: no syscr and syscw lines")
+	_, err = parseProcIO(7, "syscr: x\nsyscw: 98\n")
+	require.ErrorContains(t, err, "/proc/7/io syscr")
+
+	// This process's own counts: reading a file is at least one read.
+	before, err := readProcCalls(os.Getpid())
+	require.NoError(t, err)
+	_, err = os.ReadFile("/proc/self/stat")
+	require.NoError(t, err)
+	after, err := readProcCalls(os.Getpid())
+	require.NoError(t, err)
+	require.Greater(t, after.reads, before.reads, "a file read is not counted")
 }
