@@ -107,9 +107,11 @@ func (m cpuMeter) sample() cpuSample {
 
 // procCalls is a process's read and write system calls so far, as
 // /proc/<pid>/io counts them (syscr, syscw: read(2) and write(2) and
-// their vector and positioned forms; Go reads and writes its sockets
-// with these). Unlike CPU time, they do not vary with the machine's speed:
-// a task whose text and session reset go out in one write adds one.
+// their vector and positioned forms, a read that finds nothing yet
+// included; Go reads and writes its TCP sockets with these, while UDP's
+// sendto and recvfrom are not counted). The writes hardly vary with the
+// machine's speed, unlike CPU time: a task whose text and session reset go
+// out in one write adds one.
 type procCalls struct{ reads, writes int64 }
 
 // readProcCalls parses /proc/<pid>/io (readable for one's own processes,
