@@ -229,20 +229,19 @@ func (m cpuMeter) perTask(before, after cpuSample, tasks int) string {
 	if !before.ok || !after.ok || tasks <= 0 {
 		return ""
 	}
-	us := func(ticks int64) string {
-		return num(float64(ticks) * 1e6 / userHZ / float64(tasks))
-	}
+	per := func(n int64, scale float64) string { return num(float64(n) * scale / float64(tasks)) }
+	const us = 1e6 / userHZ // ticks to microseconds
+	nodes := len(m.nodes()) > 0
 	var b strings.Builder
-	if len(m.nodes()) > 0 {
-		b.WriteString(" node_cpu_us_per_task=" + us(after.node-before.node))
+	if nodes {
+		b.WriteString(" node_cpu_us_per_task=" + per(after.node-before.node, us))
 	}
 	if m.postmaster != 0 {
-		b.WriteString(" server_cpu_us_per_task=" + us(after.server-before.server))
+		b.WriteString(" server_cpu_us_per_task=" + per(after.server-before.server, us))
 	}
-	if len(m.nodes()) > 0 && before.callsOK && after.callsOK {
-		per := func(n int64) string { return num(float64(n) / float64(tasks)) }
-		b.WriteString(" node_reads_per_task=" + per(after.calls.reads-before.calls.reads) +
-			" node_writes_per_task=" + per(after.calls.writes-before.calls.writes))
+	if nodes && before.callsOK && after.callsOK {
+		b.WriteString(" node_reads_per_task=" + per(after.calls.reads-before.calls.reads, 1) +
+			" node_writes_per_task=" + per(after.calls.writes-before.calls.writes, 1))
 	}
 	return b.String()
 }
