@@ -365,6 +365,81 @@ func TestIDRuns(t *testing.T) {
 		pgstore.IDRuns([]pgstore.Ref{r(5, 2), r(4, 1), r(3, 1), r(5, 1), r(5, 3), r(4, 2)}))
 }
 
+// TestBatchRowsKeepTheirOwnValues: the claim, the start and the finish scan
+// each batch's rows into variables declared once per batch; every row must
+// still come back with its own values, a NULL connection string (SELF) as
+// nil and every other one apart.
+func TestBatchRowsKeepTheirOwnValues(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"targets": [
+	    {"target": "a", "connection_string": "host=a", "default_timeout": "1 minute"},
+	    {"target": "b", "connection_string": "host=b", "default_timeout": "2 minutes"}]}')`)
+	takeLead(t, s, 1)
+	want := map[int64]string{} // task id -> target
+	for _, tg := range []string{"b", "SELF", "a", "b", "a", "SELF"} {
+		for _, id := range push(t, c, tg, 1, "select 1") {
+			want[id] = tg
+		}
+	}
+	// External tasks (no query) in between: they get no node.
+	external := map[int64]bool{}
+	for _, tg := range []string{"a", "SELF"} {
+		for _, id := range push(t, c, tg, 1, "") {
+			want[id], external[id] = tg, true
+		}
+	}
+	node := make([]string, len(want))
+	for i := range node {
+		node[i] = "n0"
+	}
+	now := time.Now()
+	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: node, Now: now})
+	require.NoError(t, err)
+	require.Len(t, cl, len(want))
+	timeout := map[string]time.Duration{"a": time.Minute, "b": 2 * time.Minute}
+	var rs []pgstore.Ref
+	for _, x := range cl {
+		require.Equal(t, want[x.TaskID], x.Target, "task %d", x.TaskID)
+		if d, ok := timeout[x.Target]; ok {
+			require.WithinDuration(t, now.Add(d), x.Deadline, time.Second, "task %d", x.TaskID)
+		}
+		require.Equal(t, external[x.TaskID], x.External, "task %d", x.TaskID)
+		if x.External {
+			require.Empty(t, x.Node, "task %d", x.TaskID)
+			continue
+		}
+		require.Equal(t, "n0", x.Node, "task %d", x.TaskID)
+		rs = append(rs, ref(x))
+	}
+	st, err := s.StartTasks(ctx, "n0", rs)
+	require.NoError(t, err)
+	require.Len(t, st, len(rs))
+	var outs []pgstore.Outcome
+	for _, x := range st {
+		require.Equal(t, want[x.TaskID], x.Target, "task %d", x.TaskID)
+		if x.Target == "SELF" {
+			require.Nil(t, x.ConnStr, "task %d", x.TaskID)
+		} else {
+			require.NotNil(t, x.ConnStr, "task %d", x.TaskID)
+			require.Equal(t, "host="+x.Target, *x.ConnStr, "task %d", x.TaskID)
+		}
+		outs = append(outs, pgstore.Outcome{Ref: pgstore.Ref{TaskID: x.TaskID, Attempt: x.Attempt},
+			Status: pgstore.StatusFinished, At: time.Now()})
+	}
+	// A ref that is not this node's comes back not applied, among applied ones.
+	outs = append(outs, pgstore.Outcome{Ref: pgstore.Ref{TaskID: st[0].TaskID, Attempt: st[0].Attempt + 1},
+		Status: pgstore.StatusFinished, At: time.Now()})
+	f, err := s.FinishTasks(ctx, "n0", outs)
+	require.NoError(t, err)
+	require.Len(t, f, len(outs))
+	for i, x := range f {
+		require.Equal(t, outs[i].Ref, x.Ref)
+		require.Equal(t, i < len(st), x.Applied, "outcome %d", i)
+	}
+}
+
 func TestStartAndFinishFencing(t *testing.T) {
 	t.Parallel()
 	_, s, c := newDB(t)

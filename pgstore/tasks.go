@@ -131,10 +131,13 @@ func claimLock(ctx context.Context, c *pgx.Conn, req ClaimRequest,
 	b := &pgx.Batch{}
 	b.Queue("BEGIN")
 	b.Queue(qClaimSelect, req.Now, int32(len(req.Slots)), names, running, exclude).Query(func(rows pgx.Rows) error {
+		// Scan's destinations are declared once per batch, not per row:
+		// Scan takes their addresses, so each would be a heap allocation.
+		var id int64
+		var external bool
+		var g claimGroup
 		for rows.Next() {
-			var id int64
-			var external bool
-			var g claimGroup
+			g.node = pgtype.Text{}
 			if err := rows.Scan(&id, &external, &g.timeout); err != nil {
 				return err
 			}
@@ -174,8 +177,8 @@ func claimCommit(ctx context.Context, c *pgx.Conn, term int64, now time.Time,
 	b.Queue(qAssertLeaderTerm, term)
 	for g, gids := range groups {
 		b.Queue(qClaimUpdate, now, gids, g.node, g.timeout).Query(func(rows pgx.Rows) error {
+			var cl Claimed // declared once: see claimLock
 			for rows.Next() {
-				var cl Claimed
 				if err := rows.Scan(&cl.TaskID, &cl.Attempt, &cl.Node, &cl.Pool, &cl.Target, &cl.Deadline, &cl.External); err != nil {
 					return err
 				}
@@ -218,8 +221,8 @@ func (s *Store) StartTasks(ctx context.Context, node string, refs []Ref) ([]Star
 	for _, run := range idRuns(refs) {
 		ids, attempts := refArrays(run)
 		b.Queue(qStartTasks, node, ids, attempts).Query(func(rows pgx.Rows) error {
+			var t StartedTask // declared once: see claimLock
 			for rows.Next() {
-				var t StartedTask
 				if err := rows.Scan(&t.TaskID, &t.Attempt, &t.Query, &t.Target, &t.ConnStr, &t.Async, &t.Deadline); err != nil {
 					return err
 				}
@@ -326,10 +329,10 @@ func (s *Store) FinishTasks(ctx context.Context, node string, outs []Outcome) ([
 		return nil, s.wrap("finish tasks", err)
 	}
 	type res struct{ yielded, hold bool }
-	got := map[Ref]res{}
+	got := make(map[Ref]res, len(idx))
+	var r Ref // declared once: see claimLock
+	var v res
 	for rows.Next() {
-		var r Ref
-		var v res
 		if err := rows.Scan(&r.TaskID, &r.Attempt, &v.yielded, &v.hold); err != nil {
 			rows.Close()
 			return nil, s.wrap("finish tasks", err)
