@@ -12,7 +12,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"sort"
 	"sync"
 	"time"
 
@@ -702,17 +701,13 @@ func buildSlots(free int, nodes []NodeInfo, held map[string]int) []string {
 	}
 	slots := make([]string, 0, free)
 	for len(slots) < free {
-		sort.SliceStable(cs, func(i, j int) bool {
-			if cs[i].load != cs[j].load {
-				return cs[i].load < cs[j].load
-			}
-			return cs[i].id < cs[j].id
-		})
+		// The least loaded node with room, the smallest id among equals: a
+		// scan per slot (a claim offers up to hundreds of slots to a few
+		// nodes; sorting for each slot allocated every time).
 		var pick *cand
 		for _, c := range cs {
-			if c.room != 0 {
+			if c.room != 0 && (pick == nil || c.load < pick.load || (c.load == pick.load && c.id < pick.id)) {
 				pick = c
-				break
 			}
 		}
 		if pick == nil {
