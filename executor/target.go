@@ -101,10 +101,18 @@ func (e *Executor) newTarget(ctx context.Context, dsn string) *target {
 	// really stops on the target; the socket deadline is only a last resort
 	// after the terminate step had its chance.
 	deadlineDelay := e.cfg.TerminateAfter + terminateGrace
-	cc.BuildContextWatcherHandler = func(pc *pgconn.PgConn) ctxwatch.Handler {
-		return &pgconn.CancelRequestContextWatcherHandler{Conn: pc, DeadlineDelay: deadlineDelay}
-	}
 	t := &target{connCfg: cc, password: cc.Password}
+	cc.BuildContextWatcherHandler = func(pc *pgconn.PgConn) ctxwatch.Handler {
+		h := &cancelThenTerminate{
+			CancelRequestContextWatcherHandler: pgconn.CancelRequestContextWatcherHandler{Conn: pc, DeadlineDelay: deadlineDelay},
+			after:                              e.cfg.TerminateAfter,
+			terminate: func(ctx context.Context, pid uint32, log *attemptLog) {
+				e.terminateStuck(ctx, t, pid, log)
+			},
+		}
+		pc.CustomData()[watchHandlerKey] = h
+		return h
+	}
 	pcfg.BeforeConnect = func(_ context.Context, c *pgx.ConnConfig) error {
 		if t.noCheck.Load() && c.RuntimeParams[checkParam] == checkInterval {
 			delete(c.RuntimeParams, checkParam)
@@ -121,6 +129,72 @@ func (e *Executor) newTarget(ctx context.Context, dsn string) *target {
 		t.gate = newGate(e.cfg.ShortConnsPerTarget, e.cfg.LongTaskAfter, e.cfg.Now)
 	}
 	return t
+}
+
+// watchHandlerKey holds a task connection's *cancelThenTerminate in its
+// PgConn.CustomData, for execute to arm.
+const watchHandlerKey = "asyncnode.watch"
+
+// cancelThenTerminate is a task connection's context-watcher handler (pgx
+// calls it when the context of an operation in progress ends). It sends a
+// cancel request at once, as pgx's CancelRequestContextWatcherHandler does,
+// with the socket deadline as the last resort; and while a task's text runs
+// (armed by execute), it terminates the backend if the text is still
+// running TerminateAfter after the cancel, as a query that ignores cancel
+// requests would be. It lives with the connection: arming it costs a task
+// nothing that a watch of its own would allocate.
+type cancelThenTerminate struct {
+	pgconn.CancelRequestContextWatcherHandler
+	after     time.Duration
+	terminate func(ctx context.Context, pid uint32, log *attemptLog)
+
+	// log is set by execute (arm) before the text is sent and cleared once
+	// its answer came; HandleCancel runs in between or not at all (pgx's
+	// context watcher orders it after Watch and before Unwatch returns), so
+	// the fields need no lock. Nil: no task text is running.
+	log   *attemptLog
+	timer *time.Timer   // the terminate step, armed by HandleCancel
+	done  chan struct{} // closed once the terminate step, if it fired, returned
+}
+
+// handlerOf returns pc's cancelThenTerminate, or nil when pc was not
+// opened by a target's pool.
+func handlerOf(pc *pgconn.PgConn) *cancelThenTerminate {
+	h, _ := pc.CustomData()[watchHandlerKey].(*cancelThenTerminate)
+	return h
+}
+
+// arm makes a cancel while log's task text runs lead to the terminate step;
+// disarm after the text answered.
+func (h *cancelThenTerminate) arm(log *attemptLog) { h.log = log }
+
+func (h *cancelThenTerminate) disarm() { h.log = nil }
+
+// HandleCancel implements ctxwatch.Handler.
+func (h *cancelThenTerminate) HandleCancel(ctx context.Context) {
+	h.CancelRequestContextWatcherHandler.HandleCancel(ctx)
+	if h.log == nil {
+		return
+	}
+	log, pid, done := h.log, h.Conn.PID(), make(chan struct{})
+	h.done = done
+	h.timer = time.AfterFunc(h.after, func() {
+		defer close(done)
+		h.terminate(context.WithoutCancel(ctx), pid, log)
+	})
+}
+
+// HandleUnwatchAfterCancel implements ctxwatch.Handler: the operation
+// ended (the text answered, or the connection failed). A terminate step
+// that has not fired never will; one that fired is waited for.
+func (h *cancelThenTerminate) HandleUnwatchAfterCancel() {
+	if h.timer != nil {
+		if !h.timer.Stop() {
+			<-h.done
+		}
+		h.timer, h.done = nil, nil
+	}
+	h.CancelRequestContextWatcherHandler.HandleUnwatchAfterCancel()
 }
 
 const (
@@ -236,6 +310,22 @@ func (e *Executor) TerminateSessions(ctx context.Context, connStr *string, appNa
 // terminate ends backend pid on the target if it is still busy, from a
 // separate connection (the pool may be full). It reports whether a backend
 // was terminated.
+// terminateStuck is the terminate step of a task whose text did not stop
+// TerminateAfter after its cancel request: it terminates the backend and
+// logs what happened.
+func (e *Executor) terminateStuck(ctx context.Context, t *target, pid uint32, log *attemptLog) {
+	log.Info("query still running after cancel; terminating its backend", "pid", pid)
+	ok, err := e.terminate(ctx, t, pid)
+	switch {
+	case err != nil:
+		log.Warn("terminating the backend failed", "pid", pid, "error", err)
+	case ok:
+		log.Info("backend terminated", "pid", pid)
+	default:
+		log.Debug("backend already gone or idle", "pid", pid)
+	}
+}
+
 func (e *Executor) terminate(ctx context.Context, t *target, pid uint32) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, terminateGrace)
 	defer cancel()

@@ -112,7 +112,7 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask, deadline tim
 		if gp != nil {
 			gp.held()
 		}
-		execErr, resetErr := e.execute(ctx, t, conn, q, log)
+		execErr, resetErr := e.execute(ctx, conn, q, log)
 		pc := conn.Conn().PgConn()
 		if execErr == nil {
 			if pc.TxStatus() != 'I' {
@@ -236,38 +236,15 @@ func (e *Executor) acquire(ctx context.Context, deadline time.Time, t *target, l
 
 // execute sends the task text and the session reset after it
 // (RunWithReset). When ctx ends meanwhile, pgx sends a cancel request; if
-// the backend is still busy TerminateAfter later, it is terminated.
-func (e *Executor) execute(ctx context.Context, t *target, conn *pgxpool.Conn, q string, log *attemptLog) (execErr, resetErr error) {
+// the backend is still busy TerminateAfter later, it is terminated (the
+// connection's cancelThenTerminate, armed for the text).
+func (e *Executor) execute(ctx context.Context, conn *pgxpool.Conn, q string, log *attemptLog) (execErr, resetErr error) {
 	pc := conn.Conn().PgConn()
-	pid := pc.PID()
-	execDone := make(chan struct{})
-	watchdogDone := make(chan struct{})
-	stopWatchdog := context.AfterFunc(ctx, func() {
-		defer close(watchdogDone)
-		timer := time.NewTimer(e.cfg.TerminateAfter)
-		defer timer.Stop()
-		select {
-		case <-execDone:
-			return
-		case <-timer.C:
-		}
-		log.Info("query still running after cancel; terminating its backend", "pid", pid)
-		ok, err := e.terminate(context.WithoutCancel(ctx), t, pid)
-		switch {
-		case err != nil:
-			log.Warn("terminating the backend failed", "pid", pid, "error", err)
-		case ok:
-			log.Info("backend terminated", "pid", pid)
-		default:
-			log.Debug("backend already gone or idle", "pid", pid)
-		}
-	})
-	execErr, resetErr = RunWithReset(ctx, pc, q)
-	close(execDone)
-	if !stopWatchdog() {
-		<-watchdogDone
+	if h := handlerOf(pc); h != nil {
+		h.arm(log)
+		defer h.disarm()
 	}
-	return execErr, resetErr
+	return RunWithReset(ctx, pc, q)
 }
 
 // RunWithReset sends text and then SessionReset as two simple-protocol
