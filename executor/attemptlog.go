@@ -12,7 +12,7 @@ import (
 // target. The sub-logger carrying those fields is built on the first line
 // that is emitted: hclog's With allocates a logger, and at the default
 // level most attempts log nothing (it showed at 4 % of a node's CPU
-// profile under load). Safe for concurrent use (the cancel watchdog logs
+// profile under load). Safe for concurrent use (the terminate step logs
 // from its own goroutine).
 type attemptLog struct {
 	base hclog.Logger

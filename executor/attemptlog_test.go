@@ -22,7 +22,7 @@ func TestAttemptLogAddsTheAttemptToEmittedLinesOnly(t *testing.T) {
 	require.Empty(t, out.String())
 
 	var wg sync.WaitGroup
-	for i := range 8 { // the watchdog logs from another goroutine
+	for i := range 8 { // the terminate step logs from another goroutine
 		wg.Go(func() {
 			if i%2 == 0 {
 				log.Info("info line", "i", i)

@@ -307,9 +307,6 @@ func (e *Executor) TerminateSessions(ctx context.Context, connStr *string, appNa
 	return n, nil
 }
 
-// terminate ends backend pid on the target if it is still busy, from a
-// separate connection (the pool may be full). It reports whether a backend
-// was terminated.
 // terminateStuck is the terminate step of a task whose text did not stop
 // TerminateAfter after its cancel request: it terminates the backend and
 // logs what happened.
@@ -326,6 +323,9 @@ func (e *Executor) terminateStuck(ctx context.Context, t *target, pid uint32, lo
 	}
 }
 
+// terminate ends backend pid on the target if it is still busy, from a
+// separate connection (the pool may be full). It reports whether a backend
+// was terminated.
 func (e *Executor) terminate(ctx context.Context, t *target, pid uint32) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, terminateGrace)
 	defer cancel()
