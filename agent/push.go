@@ -2,9 +2,13 @@ package agent
 
 import (
 	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
 	"sync"
 	"time"
 
+	"github.com/asyncnode/asyncnode/cluster"
 	"github.com/asyncnode/asyncnode/executor"
 	"github.com/asyncnode/asyncnode/fsm"
 	"github.com/asyncnode/asyncnode/pgstore"
@@ -41,9 +45,68 @@ type assignedBatch struct {
 	Items []fsm.Assignment `json:"items"`
 }
 
-// assignedRequest is the body of POST /v1/assigned.
+// assignedRequest is the body of POST /v1/assigned. The leader sends it
+// packed (assignedContentType); a follower also reads it as JSON, the form
+// leaders before 2026-12-07 sent. A follower of such an older binary
+// refuses the packed form (400): it then learns its attempts through Raft,
+// a little later, as after any lost push.
 type assignedRequest struct {
 	Batches []assignedBatch `json:"batches"`
+}
+
+// assignedContentType is the packed form of an assignedRequest: uvarint
+// the number of batches, then for each its length (uvarint) and
+// fsm.PackAssigned(index, items). It decodes without reflection, at a
+// fraction of the JSON's CPU on the followers.
+const assignedContentType = "application/x-asyncnode-assigned"
+
+var (
+	_ cluster.Body        = assignedRequest{}
+	_ cluster.BodyDecoder = (*assignedRequest)(nil)
+)
+
+// ContentType implements cluster.Body and cluster.BodyDecoder.
+func (assignedRequest) ContentType() string { return assignedContentType }
+
+// AppendBody implements cluster.Body.
+func (r assignedRequest) AppendBody(b []byte) []byte {
+	b = binary.AppendUvarint(b, uint64(len(r.Batches)))
+	var p []byte
+	for _, x := range r.Batches {
+		p = fsm.PackAssigned(p[:0], x.Index, x.Items)
+		b = binary.AppendUvarint(b, uint64(len(p)))
+		b = append(b, p...)
+	}
+	return b
+}
+
+// DecodeBody implements cluster.BodyDecoder.
+func (r *assignedRequest) DecodeBody(p []byte) error {
+	n, k := binary.Uvarint(p)
+	// Each batch takes at least two bytes (a length and a non-empty
+	// payload): a count beyond that is malformed, not a reason to allocate.
+	if k <= 0 || n > uint64(len(p)-k)/2 {
+		return errors.New("bad batch count")
+	}
+	p = p[k:]
+	batches := make([]assignedBatch, 0, n)
+	for i := range n {
+		size, k := binary.Uvarint(p)
+		if k <= 0 || size > uint64(len(p)-k) {
+			return fmt.Errorf("batch %d: bad length", i)
+		}
+		index, items, err := fsm.UnpackAssigned(p[k : k+int(size)])
+		if err != nil {
+			return fmt.Errorf("batch %d: %w", i, err)
+		}
+		batches = append(batches, assignedBatch{Index: index, Items: items})
+		p = p[k+int(size):]
+	}
+	if len(p) > 0 {
+		return fmt.Errorf("%d bytes left over", len(p))
+	}
+	r.Batches = batches
+	return nil
 }
 
 // pushState is the leader's senders and the follower's record of attempts

@@ -191,9 +191,10 @@ func (n *Node) notLeader() *APIError {
 	return &APIError{Code: CodeNotLeader, Message: "this node is not the leader", LeaderID: id, LeaderAPI: api}
 }
 
-// Send posts in, as JSON, to path on member id's API (its address as
-// announced in gossip), with this node's token and TLS settings; the answer
-// is discarded. It carries agent-level messages between nodes.
+// Send posts in (as JSON or, for a Body, in its own form) to path on
+// member id's API (its address as announced in gossip), with this node's
+// token and TLS settings; the answer is discarded. It carries agent-level
+// messages between nodes.
 func (n *Node) Send(ctx context.Context, id, path string, in any) error {
 	mi, ok := n.members.get(id)
 	if !ok || mi.Health != HealthAlive || mi.Meta.API == "" {
@@ -202,20 +203,46 @@ func (n *Node) Send(ctx context.Context, id, path string, in any) error {
 	return n.client.at(mi.Meta.API).do(ctx, http.MethodPost, path, in, nil)
 }
 
-// HandlePost registers an extra POST endpoint whose body is a JSON T, with
-// the built-in endpoints' checks and answers: bearer token, method, size
-// cap, a JSON error for a malformed body, 503 while the node shuts down,
-// and {"ok":true} once h returned. Like Handle, it must be called before
+// BodyDecoder is implemented by a *T of HandlePost that also accepts a
+// body in a form of its own (see Body): a request whose Content-Type is
+// ContentType() is decoded with DecodeBody instead of as JSON.
+type BodyDecoder interface {
+	ContentType() string
+	DecodeBody(p []byte) error
+}
+
+// HandlePost registers an extra POST endpoint whose body is a JSON T (or,
+// when *T is a BodyDecoder, T in its own form), with the built-in
+// endpoints' checks and answers: bearer token, method, size cap, a JSON
+// error for a malformed body, 503 while the node shuts down, and
+// {"ok":true} once h returned. Like Handle, it must be called before
 // Start.
 func HandlePost[T any](n *Node, path string, h func(T)) {
 	n.Handle(path, n.method(http.MethodPost, func(w http.ResponseWriter, r *http.Request) {
 		var v T
-		if !readJSON(w, r, &v) {
+		if d, ok := any(&v).(BodyDecoder); ok && r.Header.Get("Content-Type") == d.ContentType() {
+			if !readBody(w, r, d) {
+				return
+			}
+		} else if !readJSON(w, r, &v) {
 			return
 		}
 		h(v)
 		writeJSON(w, http.StatusOK, okResponse{OK: true})
 	}))
+}
+
+// readBody decodes r's body with d, within the size cap.
+func readBody(w http.ResponseWriter, r *http.Request, d BodyDecoder) bool {
+	p, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err == nil {
+		err = d.DecodeBody(p)
+	}
+	if err != nil {
+		writeError(w, &APIError{Code: CodeBadRequest, Message: "bad " + d.ContentType() + " body: " + err.Error()})
+		return false
+	}
+	return true
 }
 
 func (n *Node) handleHealth(w http.ResponseWriter, _ *http.Request) {

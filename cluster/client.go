@@ -56,11 +56,23 @@ func (c *Client) at(addr string) *Client {
 // CloseIdleConnections closes kept-alive connections.
 func (c *Client) CloseIdleConnections() { c.hc.CloseIdleConnections() }
 
-// do sends a JSON request and decodes a JSON answer into out. Error answers
-// come back as *APIError.
+// Body is a request body that Node.Send encodes in a form of its own
+// rather than as JSON; the endpoint's T decodes it (BodyDecoder).
+type Body interface {
+	// ContentType names the form (the request's Content-Type).
+	ContentType() string
+	// AppendBody appends the encoded body to b.
+	AppendBody(b []byte) []byte
+}
+
+// do sends a request (JSON, or in the form of a Body) and decodes a JSON
+// answer into out. Error answers come back as *APIError.
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
-	if in != nil {
+	contentType := "application/json"
+	if rb, ok := in.(Body); ok {
+		body, contentType = bytes.NewReader(rb.AppendBody(nil)), rb.ContentType()
+	} else if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
 			return err
@@ -72,7 +84,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return err
 	}
 	if in != nil {
-		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Content-Type", contentType)
 	}
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)

@@ -231,3 +231,23 @@ func unpackReleaseAssign(p []byte) (ReleaseAssign, error) {
 	}
 	return c, nil
 }
+
+// PackAssigned appends to b the packed form of items, the attempts that
+// the entry at index assigned: a packed ReleaseAssign with index in the
+// term's place and no releases. The leader pushes assignments to the
+// followers in this form (agent's POST /v1/assigned).
+func PackAssigned(b []byte, index uint64, items []Assignment) []byte {
+	return packReleaseAssign(b, ReleaseAssign{Assign: Assign{Term: index, Items: items}})
+}
+
+// UnpackAssigned decodes PackAssigned's form.
+func UnpackAssigned(p []byte) (index uint64, items []Assignment, err error) {
+	c, err := unpackReleaseAssign(p)
+	if err != nil {
+		return 0, nil, err
+	}
+	if len(c.Releases) > 0 {
+		return 0, nil, fmt.Errorf("packed assignments: %d releases where none belong", len(c.Releases))
+	}
+	return c.Term, c.Items, nil
+}

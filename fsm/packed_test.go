@@ -200,3 +200,34 @@ func BenchmarkDecodeReleaseAssign(b *testing.B) {
 		b.ReportMetric(float64(len(p))/200, "bytes/task")
 	})
 }
+
+func TestPackedAssignedRoundTrip(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 4))
+	for range 500 {
+		c := randomReleaseAssign(r)
+		p := PackAssigned([]byte{0xAB}, c.Term, c.Items)
+		require.Equal(t, byte(0xAB), p[0], "appended to b")
+		index, items, err := UnpackAssigned(p[1:])
+		require.NoError(t, err)
+		require.Equal(t, c.Term, index)
+		if len(c.Items) == 0 {
+			require.Empty(t, items)
+			continue
+		}
+		require.Equal(t, c.Items, items)
+	}
+}
+
+func TestPackedAssignedMalformedIsRejected(t *testing.T) {
+	items := []Assignment{{TaskID: 7, Attempt: 1, Node: "n2", Incarnation: "i", Pool: "SELF", Deadline: 5}}
+	p := PackAssigned(nil, 9, items)
+	for n := range len(p) {
+		_, _, err := UnpackAssigned(p[:n])
+		require.Error(t, err, "truncated to %d bytes", n)
+	}
+	_, _, err := UnpackAssigned(append(p, 0))
+	require.ErrorContains(t, err, "left over")
+	withRelease := packReleaseAssign(nil, ReleaseAssign{Releases: []ReleaseItem{{Ref: Ref{TaskID: 1, Attempt: 1}}}, Assign: Assign{Term: 9, Items: items}})
+	_, _, err = UnpackAssigned(withRelease)
+	require.ErrorContains(t, err, "1 releases where none belong")
+}
