@@ -47,6 +47,6 @@ func TestAssignedRequestMalformedIsRejected(t *testing.T) {
 	}
 	var r assignedRequest
 	require.ErrorContains(t, r.DecodeBody(append(p, 9)), "1 bytes left over")
-	require.ErrorContains(t, r.DecodeBody([]byte{0xff, 0xff, 0xff, 0xff, 0x0f}), "bad batch count")
-	require.ErrorContains(t, r.DecodeBody([]byte(`{"batches":[]}`)), "bad")
+	require.ErrorContains(t, r.DecodeBody([]byte{0xff, 0xff, 0xff, 0xff, 0x0f}), "elements cannot fit")
+	require.ErrorContains(t, r.DecodeBody([]byte(`{"batches":[]}`)), "elements cannot fit", "JSON is not the packed form")
 }

@@ -105,10 +105,8 @@ func (e *Executor) newTarget(ctx context.Context, dsn string) *target {
 	cc.BuildContextWatcherHandler = func(pc *pgconn.PgConn) ctxwatch.Handler {
 		h := &cancelThenTerminate{
 			CancelRequestContextWatcherHandler: pgconn.CancelRequestContextWatcherHandler{Conn: pc, DeadlineDelay: deadlineDelay},
-			after:                              e.cfg.TerminateAfter,
-			terminate: func(ctx context.Context, pid uint32, log *attemptLog) {
-				e.terminateStuck(ctx, t, pid, log)
-			},
+			e:                                  e,
+			t:                                  t,
 		}
 		pc.CustomData()[watchHandlerKey] = h
 		return h
@@ -145,8 +143,8 @@ const watchHandlerKey = "asyncnode.watch"
 // nothing that a watch of its own would allocate.
 type cancelThenTerminate struct {
 	pgconn.CancelRequestContextWatcherHandler
-	after     time.Duration
-	terminate func(ctx context.Context, pid uint32, log *attemptLog)
+	e *Executor
+	t *target // the connection's target, for terminateStuck
 
 	// log is set by execute (arm) before the text is sent and cleared once
 	// its answer came; HandleCancel runs in between or not at all (pgx's
@@ -178,9 +176,9 @@ func (h *cancelThenTerminate) HandleCancel(ctx context.Context) {
 	}
 	log, pid, done := h.log, h.Conn.PID(), make(chan struct{})
 	h.done = done
-	h.timer = time.AfterFunc(h.after, func() {
+	h.timer = time.AfterFunc(h.e.cfg.TerminateAfter, func() {
 		defer close(done)
-		h.terminate(context.WithoutCancel(ctx), pid, log)
+		h.e.terminateStuck(context.WithoutCancel(ctx), h.t, pid, log)
 	})
 }
 

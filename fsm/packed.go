@@ -169,6 +169,21 @@ func (u *unpacker) flags(allowed byte) byte {
 	return f
 }
 
+// bytes reads a byte string (uvarint length, bytes); it aliases u's
+// payload.
+func (u *unpacker) bytes() []byte {
+	n := u.uvarint()
+	if u.err == nil && n > uint64(len(u.p)) {
+		u.fail(errTruncated)
+	}
+	if u.err != nil {
+		return nil
+	}
+	b := u.p[:n]
+	u.p = u.p[n:]
+	return b
+}
+
 func (u *unpacker) str(table []string) string {
 	i := u.uvarint()
 	if u.err == nil && i >= uint64(len(table)) {
@@ -188,15 +203,11 @@ func unpackReleaseAssign(p []byte) (ReleaseAssign, error) {
 	c.Term = u.uvarint()
 	table := make([]string, u.count(1))
 	for i := range table {
-		n := u.uvarint()
-		if u.err == nil && n > uint64(len(u.p)) {
-			u.fail(errTruncated)
-		}
+		b := u.bytes()
 		if u.err != nil {
 			break
 		}
-		table[i] = string(u.p[:n])
-		u.p = u.p[n:]
+		table[i] = string(b)
 	}
 	if n := u.count(3); n > 0 {
 		c.Releases = make([]ReleaseItem, n)
@@ -232,22 +243,55 @@ func unpackReleaseAssign(p []byte) (ReleaseAssign, error) {
 	return c, nil
 }
 
-// PackAssigned appends to b the packed form of items, the attempts that
-// the entry at index assigned: a packed ReleaseAssign with index in the
-// term's place and no releases. The leader pushes assignments to the
-// followers in this form (agent's POST /v1/assigned).
-func PackAssigned(b []byte, index uint64, items []Assignment) []byte {
-	return packReleaseAssign(b, ReleaseAssign{Assign: Assign{Term: index, Items: items}})
+// AssignedBatch is the attempts that the Raft entry at Index assigned to
+// one node. The leader pushes them to that node (agent's POST
+// /v1/assigned), packed by PackAssignedBatches; the JSON names are the
+// push's JSON form.
+type AssignedBatch struct {
+	Index uint64       `json:"index"`
+	Items []Assignment `json:"items"`
 }
 
-// UnpackAssigned decodes PackAssigned's form.
-func UnpackAssigned(p []byte) (index uint64, items []Assignment, err error) {
-	c, err := unpackReleaseAssign(p)
-	if err != nil {
-		return 0, nil, err
+// PackAssignedBatches appends to b the packed form of bs: uvarint the
+// number of batches, then each as a byte string (uvarint length, bytes)
+// holding a packed ReleaseAssign with the batch's index in the term's
+// place and no releases.
+func PackAssignedBatches(b []byte, bs []AssignedBatch) []byte {
+	b = binary.AppendUvarint(b, uint64(len(bs)))
+	var p []byte
+	for _, x := range bs {
+		p = packReleaseAssign(p[:0], ReleaseAssign{Assign: Assign{Term: x.Index, Items: x.Items}})
+		b = binary.AppendUvarint(b, uint64(len(p)))
+		b = append(b, p...)
 	}
-	if len(c.Releases) > 0 {
-		return 0, nil, fmt.Errorf("packed assignments: %d releases where none belong", len(c.Releases))
+	return b
+}
+
+// UnpackAssignedBatches decodes PackAssignedBatches' form, as strictly as
+// unpackReleaseAssign.
+func UnpackAssignedBatches(p []byte) ([]AssignedBatch, error) {
+	u := unpacker{p: p}
+	// A batch takes at least 5 bytes: its length and four counts.
+	bs := make([]AssignedBatch, 0, u.count(5))
+	for i := range cap(bs) {
+		payload := u.bytes()
+		if u.err != nil {
+			break
+		}
+		c, err := unpackReleaseAssign(payload)
+		if err == nil && len(c.Releases) > 0 {
+			err = fmt.Errorf("%d releases where none belong", len(c.Releases))
+		}
+		if err != nil {
+			return nil, fmt.Errorf("packed assignments, batch %d: %w", i, err)
+		}
+		bs = append(bs, AssignedBatch{Index: c.Term, Items: c.Items})
 	}
-	return c.Term, c.Items, nil
+	if u.err == nil && len(u.p) > 0 {
+		u.fail(fmt.Errorf("packed entry: %d bytes left over", len(u.p)))
+	}
+	if u.err != nil {
+		return nil, u.err
+	}
+	return bs, nil
 }

@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"math"
 	"math/rand/v2"
@@ -201,33 +202,47 @@ func BenchmarkDecodeReleaseAssign(b *testing.B) {
 	})
 }
 
-func TestPackedAssignedRoundTrip(t *testing.T) {
+func TestPackedAssignedBatchesRoundTrip(t *testing.T) {
 	r := rand.New(rand.NewPCG(3, 4))
-	for range 500 {
-		c := randomReleaseAssign(r)
-		p := PackAssigned([]byte{0xAB}, c.Term, c.Items)
-		require.Equal(t, byte(0xAB), p[0], "appended to b")
-		index, items, err := UnpackAssigned(p[1:])
-		require.NoError(t, err)
-		require.Equal(t, c.Term, index)
-		if len(c.Items) == 0 {
-			require.Empty(t, items)
-			continue
+	for range 200 {
+		var bs []AssignedBatch
+		for range r.IntN(4) {
+			c := randomReleaseAssign(r)
+			bs = append(bs, AssignedBatch{Index: c.Term, Items: c.Items})
 		}
-		require.Equal(t, c.Items, items)
+		p := PackAssignedBatches([]byte{0xAB}, bs)
+		require.Equal(t, byte(0xAB), p[0], "appended to b")
+		got, err := UnpackAssignedBatches(p[1:])
+		require.NoError(t, err)
+		require.Len(t, got, len(bs))
+		for i := range bs {
+			require.Equal(t, bs[i].Index, got[i].Index)
+			if len(bs[i].Items) == 0 {
+				require.Empty(t, got[i].Items)
+				continue
+			}
+			require.Equal(t, bs[i].Items, got[i].Items)
+		}
 	}
 }
 
-func TestPackedAssignedMalformedIsRejected(t *testing.T) {
+func TestPackedAssignedBatchesMalformedIsRejected(t *testing.T) {
 	items := []Assignment{{TaskID: 7, Attempt: 1, Node: "n2", Incarnation: "i", Pool: "SELF", Deadline: 5}}
-	p := PackAssigned(nil, 9, items)
+	p := PackAssignedBatches(nil, []AssignedBatch{{Index: 9, Items: items}, {Index: 10, Items: items}})
 	for n := range len(p) {
-		_, _, err := UnpackAssigned(p[:n])
+		_, err := UnpackAssignedBatches(p[:n])
 		require.Error(t, err, "truncated to %d bytes", n)
 	}
-	_, _, err := UnpackAssigned(append(p, 0))
-	require.ErrorContains(t, err, "left over")
+	_, err := UnpackAssignedBatches(append(p, 0))
+	require.ErrorContains(t, err, "1 bytes left over")
+	_, err = UnpackAssignedBatches([]byte{0xff, 0xff, 0xff, 0xff, 0x0f})
+	require.ErrorContains(t, err, "elements cannot fit")
 	withRelease := packReleaseAssign(nil, ReleaseAssign{Releases: []ReleaseItem{{Ref: Ref{TaskID: 1, Attempt: 1}}}, Assign: Assign{Term: 9, Items: items}})
-	_, _, err = UnpackAssigned(withRelease)
-	require.ErrorContains(t, err, "1 releases where none belong")
+	framed := append(binary.AppendUvarint([]byte{1}, uint64(len(withRelease))), withRelease...)
+	_, err = UnpackAssignedBatches(framed)
+	require.ErrorContains(t, err, "packed assignments, batch 0: 1 releases where none belong")
+	bad := append([]byte(nil), p...)
+	bad[len(bad)-1] = 0x80 // the second batch's last flag byte: an unknown flag
+	_, err = UnpackAssignedBatches(bad)
+	require.ErrorContains(t, err, "packed assignments, batch 1: packed entry: unknown flags")
 }
