@@ -322,6 +322,7 @@ type task struct {
 	async   bool
 	timeout time.Duration // 0: 30s
 	noStart bool          // fenced out: StartTasks will not return it
+	gone    bool          // StartTasks found no row of its target
 	attempt int32
 	taskID  int64
 }
@@ -347,7 +348,7 @@ func (h *harness) submit(tasks ...task) []pgstore.Ref {
 		ref := pgstore.Ref{TaskID: id, Attempt: att}
 		if !tk.noStart {
 			h.store.add(pgstore.StartedTask{TaskID: id, Attempt: att, Query: tk.query, Target: "SELF",
-				ConnStr: tk.connStr, Async: tk.async, Deadline: deadline})
+				ConnStr: tk.connStr, Async: tk.async, Deadline: deadline, TargetGone: tk.gone})
 		}
 		work = append(work, Work{Ref: ref, Deadline: deadline})
 		refs = append(refs, ref)
@@ -419,6 +420,19 @@ func TestTargetConnStr(t *testing.T) {
 	o := h.run(task{query: `insert into t values (1)`, connStr: &other})
 	requireFinished(t, o)
 	require.Equal(t, int64(1), sqlInt(t, other, `select count(*) from t`))
+}
+
+// TestTargetGoneFails: a started task whose target row was not found (a
+// bypass of the target triggers) fails with a message naming the target,
+// without running its text anywhere.
+func TestTargetGoneFails(t *testing.T) {
+	h := newHarness(t, nil)
+	sqlExec(t, h.dsn, `CREATE TABLE t(a int)`)
+	o := h.run(task{query: `insert into t values (1)`, gone: true})
+	require.Equal(t, pgstore.StatusFailed, o.Status)
+	require.Equal(t, `target "SELF" no longer exists in async.target`, errText(o))
+	require.Equal(t, int64(0), sqlInt(t, h.dsn, `select count(*) from t`))
+	requireFinished(t, h.run(task{query: `insert into t values (2)`}))
 }
 
 // TestNonSuperuserTarget: the session reset, CALL and timeouts work for a

@@ -84,6 +84,11 @@ func (e *Executor) run(ctx context.Context, st pgstore.StartedTask, deadline tim
 		}
 	}
 
+	if st.TargetGone {
+		msg := fmt.Sprintf("target %q no longer exists in async.target", st.Target)
+		log.Warn("task failed", "error", msg)
+		return outcome(pgstore.StatusFailed, msg)
+	}
 	t := e.target(ctx, st.ConnStr)
 	if t.cfgErr != nil {
 		log.Warn("task failed", "error", t.cfgErr)

@@ -419,6 +419,7 @@ func TestBatchRowsKeepTheirOwnValues(t *testing.T) {
 	var outs []pgstore.Outcome
 	for _, x := range st {
 		require.Equal(t, want[x.TaskID], x.Target, "task %d", x.TaskID)
+		require.False(t, x.TargetGone, "task %d", x.TaskID)
 		if x.Target == "SELF" {
 			require.Nil(t, x.ConnStr, "task %d", x.TaskID)
 		} else {
@@ -437,6 +438,43 @@ func TestBatchRowsKeepTheirOwnValues(t *testing.T) {
 	for i, x := range f {
 		require.Equal(t, outs[i].Ref, x.Ref)
 		require.Equal(t, i < len(st), x.Applied, "outcome %d", i)
+	}
+}
+
+// TestStartTargetGone: a task whose target row is gone (only possible past
+// the target triggers) is still started, flagged TargetGone with no
+// connection string, beside tasks of other targets that keep theirs.
+func TestStartTargetGone(t *testing.T) {
+	t.Parallel()
+	_, s, c := newDB(t)
+	ctx := ctxT(t)
+	exec(t, c, `SELECT async.configure('{"targets": [{"target": "a", "connection_string": "host=a"},
+	    {"target": "b", "connection_string": "host=b"}]}')`)
+	takeLead(t, s, 1)
+	push(t, c, "a", 2, "select 1")
+	push(t, c, "b", 2, "select 1")
+	cl, err := s.ClaimTasks(ctx, pgstore.ClaimRequest{Term: 1, Slots: []string{"n0", "n0", "n0", "n0"}, Now: time.Now()})
+	require.NoError(t, err)
+	require.Len(t, cl, 4)
+	exec(t, c, `ALTER TABLE async.target DISABLE TRIGGER USER`)
+	exec(t, c, `DELETE FROM async.target WHERE target = 'a'`)
+	exec(t, c, `ALTER TABLE async.target ENABLE TRIGGER USER`)
+	var rs []pgstore.Ref
+	for _, x := range cl {
+		rs = append(rs, ref(x))
+	}
+	st, err := s.StartTasks(ctx, "n0", rs)
+	require.NoError(t, err)
+	require.Len(t, st, 4)
+	for _, x := range st {
+		if x.Target == "a" {
+			require.True(t, x.TargetGone, "task %d", x.TaskID)
+			require.Nil(t, x.ConnStr, "task %d", x.TaskID)
+			continue
+		}
+		require.False(t, x.TargetGone, "task %d", x.TaskID)
+		require.NotNil(t, x.ConnStr, "task %d", x.TaskID)
+		require.Equal(t, "host=b", *x.ConnStr, "task %d", x.TaskID)
 	}
 }
 

@@ -217,22 +217,45 @@ func (s *Store) StartTasks(ctx context.Context, node string, refs []Ref) ([]Star
 		return nil, nil
 	}
 	got := make([]StartedTask, 0, len(refs))
+	// The connection strings of the targets the started tasks name, from
+	// the rows after the tasks' (start_tasks.sql).
+	conns := make(map[string]*string, 1)
 	b := &pgx.Batch{}
 	for _, run := range idRuns(refs) {
 		ids, attempts := refArrays(run)
 		b.Queue(qStartTasks, node, ids, attempts).Query(func(rows pgx.Rows) error {
-			var t StartedTask // declared once: see claimLock
+			// Declared once: see claimLock. A target row has no task id,
+			// attempt, text, flag or time-out.
+			var (
+				id       pgtype.Int8
+				attempt  pgtype.Int4
+				query    pgtype.Text
+				target   string
+				conn     *string
+				async    pgtype.Bool
+				deadline pgtype.Timestamptz
+			)
 			for rows.Next() {
-				if err := rows.Scan(&t.TaskID, &t.Attempt, &t.Query, &t.Target, &t.ConnStr, &t.Async, &t.Deadline); err != nil {
+				conn = nil
+				if err := rows.Scan(&id, &attempt, &query, &target, &conn, &async, &deadline); err != nil {
 					return err
 				}
-				got = append(got, t)
+				if !id.Valid {
+					conns[target] = conn
+					continue
+				}
+				got = append(got, StartedTask{TaskID: id.Int64, Attempt: attempt.Int32, Query: query.String,
+					Target: target, Async: async.Bool, Deadline: deadline.Time})
 			}
 			return rows.Err()
 		})
 	}
 	if err := s.lookups.SendBatch(ctx, b).Close(); err != nil {
 		return nil, s.wrap("start tasks", err)
+	}
+	for i := range got {
+		conn, ok := conns[got[i].Target]
+		got[i].ConnStr, got[i].TargetGone = conn, !ok
 	}
 	return inRefOrder(refs, got), nil
 }

@@ -110,6 +110,11 @@ type StartedTask struct {
 	ConnStr  *string // nil: the server database (node's own DSN)
 	Async    bool    // asynchronous_finish: success means YIELDED
 	Deadline time.Time
+	// TargetGone reports that the start found no row of Target in
+	// async.target, so ConnStr is unknown and the task cannot run. The
+	// target triggers refuse to remove or rename a target that has
+	// unfinished tasks, so only a bypass of them leads here.
+	TargetGone bool
 }
 
 // Status is a terminal or yielded outcome an executor reports.
