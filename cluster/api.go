@@ -154,10 +154,18 @@ func writeError(w http.ResponseWriter, e *APIError) {
 }
 
 func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		writeError(w, &APIError{Code: CodeBadRequest, Message: "bad json body: " + err.Error()})
+	return readBody(w, r, "json", func(body io.Reader) error {
+		dec := json.NewDecoder(body)
+		dec.DisallowUnknownFields()
+		return dec.Decode(v)
+	})
+}
+
+// readBody decodes r's body, read within the size cap, with decode; a body
+// that does not decode is answered 400, naming its form.
+func readBody(w http.ResponseWriter, r *http.Request, form string, decode func(io.Reader) error) bool {
+	if err := decode(http.MaxBytesReader(w, r.Body, maxBody)); err != nil {
+		writeError(w, &APIError{Code: CodeBadRequest, Message: "bad " + form + " body: " + err.Error()})
 		return false
 	}
 	return true
@@ -221,7 +229,13 @@ func HandlePost[T any](n *Node, path string, h func(T)) {
 	n.Handle(path, n.method(http.MethodPost, func(w http.ResponseWriter, r *http.Request) {
 		var v T
 		if d, ok := any(&v).(BodyDecoder); ok && r.Header.Get("Content-Type") == d.ContentType() {
-			if !readBody(w, r, d) {
+			if !readBody(w, r, d.ContentType(), func(body io.Reader) error {
+				p, err := io.ReadAll(body)
+				if err != nil {
+					return err
+				}
+				return d.DecodeBody(p)
+			}) {
 				return
 			}
 		} else if !readJSON(w, r, &v) {
@@ -230,19 +244,6 @@ func HandlePost[T any](n *Node, path string, h func(T)) {
 		h(v)
 		writeJSON(w, http.StatusOK, okResponse{OK: true})
 	}))
-}
-
-// readBody decodes r's body with d, within the size cap.
-func readBody(w http.ResponseWriter, r *http.Request, d BodyDecoder) bool {
-	p, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
-	if err == nil {
-		err = d.DecodeBody(p)
-	}
-	if err != nil {
-		writeError(w, &APIError{Code: CodeBadRequest, Message: "bad " + d.ContentType() + " body: " + err.Error()})
-		return false
-	}
-	return true
 }
 
 func (n *Node) handleHealth(w http.ResponseWriter, _ *http.Request) {

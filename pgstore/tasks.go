@@ -225,7 +225,9 @@ func (s *Store) StartTasks(ctx context.Context, node string, refs []Ref) ([]Star
 		ids, attempts := refArrays(run)
 		b.Queue(qStartTasks, node, ids, attempts).Query(func(rows pgx.Rows) error {
 			// Declared once: see claimLock. A target row has no task id,
-			// attempt, text, flag or time-out.
+			// attempt, text, flag or time-out. Scan sets conn to nil for
+			// NULL and to a new string otherwise, so the strings kept in
+			// conns are never overwritten.
 			var (
 				id       pgtype.Int8
 				attempt  pgtype.Int4
@@ -236,7 +238,6 @@ func (s *Store) StartTasks(ctx context.Context, node string, refs []Ref) ([]Star
 				deadline pgtype.Timestamptz
 			)
 			for rows.Next() {
-				conn = nil
 				if err := rows.Scan(&id, &attempt, &query, &target, &conn, &async, &deadline); err != nil {
 					return err
 				}
