@@ -42,6 +42,7 @@ type benchFlags struct {
 	soak           time.Duration
 	soakRate       int
 	nodeFlags      listFlag
+	socket         bool
 }
 
 // bench is one benchmark run: a server database, a node cluster, figures.
@@ -61,6 +62,9 @@ type bench struct {
 	// nodeFlagArgs are --node-flag's `asyncnode run` arguments, given to
 	// every node bench starts (nodeArgs).
 	nodeFlagArgs []string
+	// transport is how bench and its nodes reach the server: "tcp" or
+	// "unix" (a Unix-domain socket), as the server saw bench's connection.
+	transport string
 }
 
 // benchDB is one database bench measures in.
@@ -90,6 +94,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	fs.StringVar(&f.logLevel, "log-level", "warn", "node log level (logs go to files)")
 	fs.DurationVar(&f.soak, "soak", 0, "also push --soak-rate tasks/s for this long and report every node's RSS after the first minute and at the end (e.g. 10m; 0: no soak round)")
 	fs.IntVar(&f.soakRate, "soak-rate", 2000, "tasks/s pushed during --soak")
+	fs.BoolVar(&f.socket, "socket", false, "reach the throwaway PostgreSQL through its Unix-domain socket instead of TCP on 127.0.0.1, from the nodes (their server and SELF task sessions) and from the limits' programs alike (with --bench-dsn, its host decides)")
 	fs.Var(&f.nodeFlags, "node-flag", "an `asyncnode run` flag for every node bench starts, as name=value (repeatable or comma-separated, e.g. target-long-after=200ms,target-short-conns=8); not one that bench sets itself; the scale-out figure's --max-tasks (--per-node) wins over one given here")
 	if err := parse(fs, args, env); err != nil {
 		return err
@@ -118,6 +123,8 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 		return usagef("--soak must be 0 or at least 1s, got %s", f.soak)
 	case f.soakRate < 10:
 		return usagef("--soak-rate must be at least 10 tasks/s, got %d", f.soakRate)
+	case f.socket && f.dsn != "":
+		return usagef("--socket is for bench's throwaway PostgreSQL; with --bench-dsn, give the socket directory as its host (host=/var/run/postgresql)")
 	}
 	if err := positive("push-for", f.push); err != nil {
 		return err
@@ -157,6 +164,9 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 			return err
 		}
 		b.dsn = pg.DSN("bench")
+		if b.f.socket {
+			b.dsn = pg.SocketDSN("bench")
+		}
 		b.cpu.postmaster = pg.PID()
 	}
 	b.cpu.nodes = b.nodePIDs
@@ -179,6 +189,19 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	}
 	if rows > 0 {
 		return fmt.Errorf("the database at %s already holds %d tasks; bench needs one without tasks", pgstore.MaskDSN(b.dsn), rows)
+	}
+	// How the figures reach the server matters to them: loopback TCP costs
+	// both ends more CPU per message than a Unix-domain socket.
+	var serverAddr *string
+	if err := b.db.QueryRow(ctx, `select host(inet_server_addr())`).Scan(&serverAddr); err != nil {
+		return fmt.Errorf("check the benchmark database: %w", err)
+	}
+	if serverAddr == nil {
+		b.transport = "unix"
+		fmt.Fprintln(b.out, "bench: server connections over a Unix-domain socket")
+	} else {
+		b.transport = "tcp"
+		fmt.Fprintf(b.out, "bench: server connections over TCP to %s\n", *serverAddr)
 	}
 	var histName string // with --history: the history database, created by openHistory
 	if b.f.history > 0 {
@@ -268,7 +291,7 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 			parts = append(parts, fmt.Sprintf("%s=%s", k, num(v)))
 		}
 	}
-	fmt.Fprintf(b.out, "bench summary nodes=%d %s\n", b.f.nodes, strings.Join(parts, " "))
+	fmt.Fprintf(b.out, "bench summary nodes=%d transport=%s %s\n", b.f.nodes, b.transport, strings.Join(parts, " "))
 	ok = true
 	return nil
 }

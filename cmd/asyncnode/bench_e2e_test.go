@@ -86,7 +86,20 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_consumed unit=ms nodes=1 samples=5 p50=`, out)
 	require.Regexp(t, `(?m)^bench figure=latency_push_to_processed_history unit=ms`, out)
 	require.Regexp(t, `(?m)^bench figure=soak_rss_node1 value=\S+ \(anonymous RSS at end / after 1s\) anon_kib=[1-9]\d*,[1-9]\d* file_kib=\d+,\d+ rss_kib=[1-9]\d*,[1-9]\d* `, out)
-	require.Regexp(t, `(?m)^bench summary nodes=\d+ throughput_empty=`, out)
+	require.Contains(t, out, "\nbench: server connections over TCP to 127.0.0.1\n")
+	require.Regexp(t, `(?m)^bench summary nodes=\d+ transport=tcp throughput_empty=`, out)
+}
+
+// TestBenchSocket: with --socket, bench and its node reach the throwaway
+// PostgreSQL through its Unix-domain socket, and the figures say so.
+func TestBenchSocket(t *testing.T) {
+	out, errOut, code := runCLI(t, nil, "bench", "--socket", "--tasks", "300", "--samples", "3", "--clients", "2",
+		"--push-for", "1s", "--rounds", "1")
+	require.Equal(t, 0, code, "bench failed:\n%s\n%s", out, errOut)
+	require.Contains(t, out, "\nbench: server connections over a Unix-domain socket\n")
+	require.Regexp(t, `(?m)^bench figure=throughput_empty value=[1-9]`, out)
+	require.Regexp(t, `(?m)^bench figure=limit_plain_node value=[1-9]`, out)
+	require.Regexp(t, `(?m)^bench summary nodes=1 transport=unix throughput_empty=`, out)
 }
 
 // roundRates returns the each= list of a figure's line.
@@ -127,6 +140,7 @@ func TestBenchOnAGivenDatabase(t *testing.T) {
 	require.Regexp(t, `(?m)^bench figure=history_vs_empty value=\S+ rounds=1 `, out)
 	require.Regexp(t, `(?m)^bench figure=throughput_empty value=.* node_cpu_us_per_task=[0-9.e+]+ server_cpu_us_per_task=[0-9.e+]+ node_reads_per_task=[0-9.e+]+ node_writes_per_task=[0-9.e+]+$`, out)
 	require.Regexp(t, `(?m)^bench figure=limit_bookkeeping value=.* server_cpu_us_per_task=[0-9.e+]+$`, out)
+	require.Regexp(t, `(?m)^bench summary nodes=1 transport=tcp `, out)
 
 	db := pool(t, dsn)
 	ctx := context.Background()

@@ -34,6 +34,7 @@ func TestBadFlagsExitTwoWithOneLine(t *testing.T) {
 		{[]string{"bench", "--profile-seconds", "5"}, "--profile-seconds"},
 		{[]string{"bench", "--profile-dir", "/dev/null/profiles"}, "--profile-dir"},
 		{[]string{"bench", "--soak", "50ms"}, "--soak"},
+		{[]string{"bench", "--socket", "--bench-dsn", "host=127.0.0.1 dbname=x"}, "give the socket directory as its host"},
 		{[]string{"bench", "--node-flag", "target-short-conns=0"}, "--target-short-conns must be between 1 and"},
 		{[]string{"bench", "--node-flag", "http-addr=127.0.0.1:1"}, "bench sets --http-addr"},
 		{[]string{"bench", "--node-flag", "tls-cert=/c.pem,tls-key=/k.pem,tls-ca=/ca.pem"}, "cannot run them with --tls-cert"},

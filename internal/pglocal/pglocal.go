@@ -356,6 +356,12 @@ func (s *Server) DSN(db string) string {
 	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", s.host(), s.port, db)
 }
 
+// SocketDSN is DSN through the server's Unix-domain socket instead of TCP:
+// the same server, database and user, without the loopback TCP stack.
+func (s *Server) SocketDSN(db string) string {
+	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", s.sockDir, s.port, db)
+}
+
 // CreateDatabase creates database name, optionally from template.
 func (s *Server) CreateDatabase(ctx context.Context, name, template string) error {
 	c, err := pgx.Connect(ctx, s.DSN("postgres"))

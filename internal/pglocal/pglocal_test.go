@@ -53,6 +53,26 @@ func TestListenAddresses(t *testing.T) {
 	}
 }
 
+// TestSocketDSN: SocketDSN reaches the same server through its Unix-domain
+// socket (inet_server_addr() is NULL there, 127.0.0.1 over DSN's TCP).
+func TestSocketDSN(t *testing.T) {
+	ctx := context.Background()
+	s, err := Start(ctx, Options{})
+	require.NoError(t, err, "a throwaway PostgreSQL must start (install PostgreSQL server binaries)")
+	defer s.Stop()
+	require.NoError(t, s.CreateDatabase(ctx, "x", ""))
+	for dsn, want := range map[string]*string{s.SocketDSN("x"): nil, s.DSN("x"): new("127.0.0.1")} {
+		c, err := pgx.Connect(ctx, dsn)
+		require.NoError(t, err, dsn)
+		var addr *string
+		var db string
+		require.NoError(t, c.QueryRow(ctx, "select host(inet_server_addr()), current_database()").Scan(&addr, &db))
+		require.Equal(t, want, addr, dsn)
+		require.Equal(t, "x", db)
+		c.Close(ctx)
+	}
+}
+
 // TestFreePortsAreDistinct: ports picked together never repeat.
 func TestFreePortsAreDistinct(t *testing.T) {
 	for range 20 {
