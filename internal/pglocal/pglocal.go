@@ -359,7 +359,13 @@ func (s *Server) DSN(db string) string {
 // SocketDSN is DSN through the server's Unix-domain socket instead of TCP:
 // the same server, database and user, without the loopback TCP stack.
 func (s *Server) SocketDSN(db string) string {
-	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", s.sockDir, s.port, db)
+	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", quoteValue(s.sockDir), s.port, db)
+}
+
+// quoteValue quotes v as a value of a keyword/value connection string, so
+// that a directory with spaces or quotes in its name stays one value.
+func quoteValue(v string) string {
+	return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(v) + "'"
 }
 
 // CreateDatabase creates database name, optionally from template.
