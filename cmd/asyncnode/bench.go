@@ -94,7 +94,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	fs.StringVar(&f.logLevel, "log-level", "warn", "node log level (logs go to files)")
 	fs.DurationVar(&f.soak, "soak", 0, "also push --soak-rate tasks/s for this long and report every node's RSS after the first minute and at the end (e.g. 10m; 0: no soak round)")
 	fs.IntVar(&f.soakRate, "soak-rate", 2000, "tasks/s pushed during --soak")
-	fs.BoolVar(&f.socket, "socket", false, "reach the throwaway PostgreSQL through its Unix-domain socket instead of TCP on 127.0.0.1, from the nodes (their server and SELF task sessions) and from the limits' programs alike (with --bench-dsn, its host decides)")
+	fs.BoolVar(&f.socket, "socket", false, "reach the throwaway PostgreSQL through its Unix-domain socket instead of TCP on 127.0.0.1, from the nodes (their server and SELF task sessions) and from the limits' programs alike; refused with --bench-dsn, whose host decides")
 	fs.Var(&f.nodeFlags, "node-flag", "an `asyncnode run` flag for every node bench starts, as name=value (repeatable or comma-separated, e.g. target-long-after=200ms,target-short-conns=8); not one that bench sets itself; the scale-out figure's --max-tasks (--per-node) wins over one given here")
 	if err := parse(fs, args, env); err != nil {
 		return err
