@@ -352,14 +352,16 @@ func (s *Server) DataDir() string { return s.dataDir }
 
 // DSN returns a connection string for database db as the superuser
 // postgres, on the first listen address (127.0.0.1 by default).
-func (s *Server) DSN(db string) string {
-	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", s.host(), s.port, db)
-}
+func (s *Server) DSN(db string) string { return s.dsn(s.host(), db) }
 
 // SocketDSN is DSN through the server's Unix-domain socket instead of TCP:
 // the same server, database and user, without the loopback TCP stack.
-func (s *Server) SocketDSN(db string) string {
-	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", quoteValue(s.sockDir), s.port, db)
+func (s *Server) SocketDSN(db string) string { return s.dsn(quoteValue(s.sockDir), db) }
+
+// dsn is the connection string of DSN and SocketDSN, to host (a value
+// ready for a keyword/value string).
+func (s *Server) dsn(host, db string) string {
+	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", host, s.port, db)
 }
 
 // quoteValue quotes v as a value of a keyword/value connection string, so
