@@ -285,7 +285,7 @@ func (b *bench) run(ctx context.Context, stderr io.Writer) error {
 	var parts []string
 	for _, k := range []string{"throughput_empty", "continuous", "latency_consumed_p50_ms", "latency_consumed_p99_ms",
 		"limit_roundtrips", "limit_bookkeeping", "limit_plain_node", "throughput_vs_bookkeeping_limit",
-		"throughput_vs_plain_node_limit", "throughput_history",
+		"throughput_vs_plain_node_limit", "plain_node_vs_bookkeeping_limit", "throughput_history",
 		"history_vs_empty", "soak_rss_growth_max", "scale_out_speedup"} {
 		if v, ok := b.figure[k]; ok {
 			parts = append(parts, fmt.Sprintf("%s=%s", k, num(v)))
@@ -818,6 +818,10 @@ func (b *bench) sideBySide(ctx context.Context) error {
 	b.printThroughput("empty", empty)
 	b.roundRatio("throughput_vs_bookkeeping_limit", "throughput_empty", "limit_bookkeeping", rates(empty), rates(bk))
 	b.roundRatio("throughput_vs_plain_node_limit", "throughput_empty", "limit_plain_node", rates(empty), rates(plain))
+	// The share of the bookkeeping limit that a program doing only the
+	// contract's work reaches in the same rounds: what the contract adds
+	// to the bookkeeping, apart from what a node adds to the contract.
+	b.roundRatio("plain_node_vs_bookkeeping_limit", "limit_plain_node", "limit_bookkeeping", rates(plain), rates(bk))
 	if b.hist.db != nil {
 		b.printThroughput("history", hist)
 		b.roundRatio("history_vs_empty", "throughput_history", "throughput_empty", rates(hist), rates(empty))

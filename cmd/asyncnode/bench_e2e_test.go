@@ -20,7 +20,7 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	out, errOut, code := runCLI(t, nil, "bench", "--tasks", "500", "--samples", "5", "--clients", "2", "--push-for", "1s",
 		"--rounds", "2", "--history", "2000", "--scale-out", "--sleep-tasks", "24", "--per-node", "2", "--soak", "2s", "--soak-rate", "100")
 	require.Equal(t, 0, code, "bench failed:\n%s\n%s", out, errOut)
-	for _, fig := range []string{"limit_roundtrips", "limit_bookkeeping", "limit_plain_node", "throughput_vs_plain_node_limit", "throughput_empty", "continuous", "throughput_history",
+	for _, fig := range []string{"limit_roundtrips", "limit_bookkeeping", "limit_plain_node", "throughput_vs_plain_node_limit", "plain_node_vs_bookkeeping_limit", "throughput_empty", "continuous", "throughput_history",
 		"history_vs_empty", "scale_out_1_nodes", "scale_out_3_nodes", "scale_out_speedup", "throughput_vs_bookkeeping_limit",
 		"soak_tasks", "soak_rss_node1", "soak_rss_growth_max"} {
 		m := regexp.MustCompile(`(?m)^bench figure=` + fig + ` value=([0-9.e+]+) `).FindStringSubmatch(out)
@@ -43,6 +43,7 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	for _, r := range [][3]string{
 		{"throughput_vs_bookkeeping_limit", "throughput_empty", "limit_bookkeeping"},
 		{"throughput_vs_plain_node_limit", "throughput_empty", "limit_plain_node"},
+		{"plain_node_vs_bookkeeping_limit", "limit_plain_node", "limit_bookkeeping"},
 		{"history_vs_empty", "throughput_history", "throughput_empty"},
 	} {
 		fig, a, c := r[0], roundRates(t, out, r[1]), roundRates(t, out, r[2])
@@ -88,6 +89,11 @@ func TestBenchPrintsEveryFigure(t *testing.T) {
 	require.Regexp(t, `(?m)^bench figure=soak_rss_node1 value=\S+ \(anonymous RSS at end / after 1s\) anon_kib=[1-9]\d*,[1-9]\d* file_kib=\d+,\d+ rss_kib=[1-9]\d*,[1-9]\d* `, out)
 	require.Contains(t, out, "\nbench: server connections over TCP to 127.0.0.1\n")
 	require.Regexp(t, `(?m)^bench summary nodes=\d+ transport=tcp throughput_empty=`, out)
+	// The summary repeats the ratio the contract itself reaches against
+	// the bookkeeping limit, as its figure line prints it.
+	fig := regexp.MustCompile(`(?m)^bench figure=plain_node_vs_bookkeeping_limit value=(\S+) `).FindStringSubmatch(out)
+	require.NotNil(t, fig, out)
+	require.Regexp(t, `(?m)^bench summary .* throughput_vs_plain_node_limit=\S+ plain_node_vs_bookkeeping_limit=`+regexp.QuoteMeta(fig[1])+` `, out)
 }
 
 // TestBenchSocket: with --socket, bench and its node reach the throwaway
