@@ -441,8 +441,7 @@ func withDatabase(dsn, name string) (string, error) {
 		return u.String(), nil
 	}
 	// A later keyword overrides an earlier one.
-	quoted := strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(name)
-	return dsn + " dbname='" + quoted + "'", nil
+	return dsn + " dbname=" + pglocal.QuoteValue(name), nil
 }
 
 // push pushes n tasks of query on SELF in one statement. They carry no

@@ -356,7 +356,7 @@ func (s *Server) DSN(db string) string { return s.dsn(s.host(), db) }
 
 // SocketDSN is DSN through the server's Unix-domain socket instead of TCP:
 // the same server, database and user, without the loopback TCP stack.
-func (s *Server) SocketDSN(db string) string { return s.dsn(quoteValue(s.sockDir), db) }
+func (s *Server) SocketDSN(db string) string { return s.dsn(QuoteValue(s.sockDir), db) }
 
 // dsn is the connection string of DSN and SocketDSN, to host (a value
 // ready for a keyword/value string).
@@ -364,9 +364,10 @@ func (s *Server) dsn(host, db string) string {
 	return fmt.Sprintf("host=%s port=%d user=postgres dbname=%s sslmode=disable", host, s.port, db)
 }
 
-// quoteValue quotes v as a value of a keyword/value connection string, so
-// that a directory with spaces or quotes in its name stays one value.
-func quoteValue(v string) string {
+// QuoteValue quotes v as a value of a keyword/value connection string, so
+// that a name or directory with spaces, quotes or backslashes in it stays
+// one value.
+func QuoteValue(v string) string {
 	return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(v) + "'"
 }
 

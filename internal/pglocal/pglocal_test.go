@@ -76,7 +76,7 @@ func TestSocketDSN(t *testing.T) {
 // TestQuoteValue: a quoted value parses back to itself, whatever it holds.
 func TestQuoteValue(t *testing.T) {
 	for _, dir := range []string{"/tmp/sock", "/tmp/my dir", `/tmp/it's`, `/tmp/back\slash`} {
-		cfg, err := pgx.ParseConfig("host=" + quoteValue(dir) + " port=5 user=postgres dbname=x")
+		cfg, err := pgx.ParseConfig("host=" + QuoteValue(dir) + " port=5 user=postgres dbname=x")
 		require.NoError(t, err, dir)
 		require.Equal(t, dir, cfg.Host)
 		require.Equal(t, "x", cfg.Database)
