@@ -21,6 +21,7 @@ test: ## all tests (real PostgreSQL, real Raft), with the race detector
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || (echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1)
 	$(GO) test -race -timeout 40m ./...
+	cd tools/riverbench && $(GO) vet . && $(GO) test -race -timeout 10m .
 
 failover: ## failover figures: kill -9 the leader of a 3-node cluster 10 times under load (no -race)
 	@out=$$(mktemp); ASYNCNODE_FAILOVER_ROUNDS=$${ROUNDS:-10} $(GO) test -count=1 -v -timeout 30m -run TestFailoverFigures ./cmd/asyncnode/ > $$out 2>&1; rc=$$?; \
@@ -33,11 +34,15 @@ test-faults: ## fault-injection suite (kill, freeze, restart, black-hole, partit
 	  mkdir -p bin; cp $$out bin/test-faults.log; echo "full output, node logs included: bin/test-faults.log"; fi; \
 	rm -f $$out; exit $$rc
 
+bench-river: ## River (a Go + PostgreSQL job queue) on a throwaway PostgreSQL, to read asyncnode bench beside (a module of its own: downloads River)
+	cd tools/riverbench && $(GO) run . $(ARGS)
+
 lint: ## gofmt + go vet
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || (gofmt -l $$(git ls-files '*.go'); exit 1)
 	$(GO) vet ./...
+	cd tools/riverbench && $(GO) vet .
 
 clean: ## remove build output
 	rm -rf bin
 
-.PHONY: help build demo demo3 test failover test-faults lint clean
+.PHONY: help build demo demo3 test failover test-faults bench-river lint clean
