@@ -55,18 +55,26 @@ import (
 
 // options are the command's flags.
 type options struct {
-	dsn      string
-	jobs     int
-	rounds   int
-	workers  int
-	conns    int
-	cooldown time.Duration
-	poll     time.Duration
+	dsn       string
+	jobs      int
+	processes int
+	rounds    int
+	workers   int
+	conns     int
+	cooldown  time.Duration
+	poll      time.Duration
 }
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if isChild() {
+		if err := childMain(ctx, os.Args[1:], os.Stdin, os.Stdout); err != nil {
+			fmt.Fprintf(os.Stderr, "riverbench child: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	opts, err := parseFlags(os.Args[1:], os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)
@@ -89,6 +97,7 @@ func parseFlags(args []string, errOut io.Writer) (options, error) {
 	fs.StringVar(&o.dsn, "dsn", "", "a database to run in (River's schema is migrated there; its river_job must be empty); default: a throwaway PostgreSQL")
 	fs.IntVar(&o.jobs, "jobs", 20000, "jobs drained in each round, per worker kind")
 	fs.IntVar(&o.rounds, "rounds", 3, "rounds; each figure is the median round (1-20)")
+	fs.IntVar(&o.processes, "processes", 1, "River clients working the queue, each in a process of its own when more than 1 (1-9)")
 	fs.IntVar(&o.workers, "workers", 2000, "MaxWorkers of River's default queue (River's own benchmark uses 2000)")
 	fs.IntVar(&o.conns, "conns", 0, "max connections of the client's pool (0: pgxpool's default, max(4, CPUs))")
 	fs.DurationVar(&o.cooldown, "fetch-cooldown", 2*time.Millisecond, "River's FetchCooldown")
@@ -108,6 +117,8 @@ func parseFlags(args []string, errOut io.Writer) (options, error) {
 		return o, fmt.Errorf("--jobs must be between 1 and 10000000, got %d", o.jobs)
 	case o.rounds < 1 || o.rounds > 20:
 		return o, fmt.Errorf("--rounds must be between 1 and 20, got %d", o.rounds)
+	case o.processes < 1 || o.processes > 9:
+		return o, fmt.Errorf("--processes must be between 1 and 9, got %d", o.processes)
 	case o.workers < 1 || o.workers > 10_000:
 		return o, fmt.Errorf("--workers must be between 1 and 10000, got %d", o.workers)
 	case o.conns < 0 || o.conns > 1000:
@@ -125,6 +136,7 @@ func parseFlags(args []string, errOut io.Writer) (options, error) {
 	return o, nil
 }
 
+// run measures both figures, o.rounds times in turn, and prints them to out.
 func run(ctx context.Context, o options, out io.Writer) error {
 	dsn, where, postmaster := o.dsn, "", 0
 	if dsn == "" {
@@ -155,22 +167,21 @@ func run(ctx context.Context, o options, out io.Writer) error {
 			return err
 		}
 	}
-	drv := riverpgxv5.New(pool)
-	migrator, err := rivermigrate.New(drv, nil)
+	migrator, err := rivermigrate.New(riverpgxv5.New(pool), nil)
 	if err != nil {
 		return fmt.Errorf("river migrations: %w", err)
 	}
 	if _, err := migrator.Migrate(ctx, rivermigrate.DirectionUp, nil); err != nil {
 		return fmt.Errorf("install River's schema: %w", err)
 	}
-	fmt.Fprintf(out, "riverbench: River %s on %s; %d jobs a round, %d rounds, MaxWorkers=%d, pool max_conns=%d, FetchCooldown=%s, FetchPollInterval=%s\n",
-		riverVersion(), where, o.jobs, o.rounds, o.workers, pool.Config().MaxConns, o.cooldown, o.poll)
+	fmt.Fprintf(out, "riverbench: River %s on %s; %d jobs a round, %d rounds, processes=%d, MaxWorkers=%d a process, pool max_conns=%d a process, FetchCooldown=%s, FetchPollInterval=%s\n",
+		riverVersion(), where, o.jobs, o.rounds, o.processes, o.workers, pool.Config().MaxConns, o.cooldown, o.poll)
 
 	kinds := []struct{ name, query string }{{"river_select_0", "select 0"}, {"river_noop", ""}}
 	rounds := make([][]result, len(kinds))
 	for r := range o.rounds {
 		for k, kind := range kinds {
-			res, err := drain(ctx, drv, pool, o, kind.query, postmaster)
+			res, err := drain(ctx, dsn, pool, o, kind.query, postmaster)
 			if err != nil {
 				return fmt.Errorf("round %d, %s: %w", r+1, kind.name, err)
 			}
@@ -185,8 +196,8 @@ func run(ctx context.Context, o options, out io.Writer) error {
 			rates[i] = res.rate
 		}
 		med := medianRound(rounds[k])
-		fmt.Fprintf(out, "riverbench figure=%s value=%.0f unit=jobs/s rounds=%d each=%s jobs=%d%s (median round, with its CPU; %s)\n",
-			kind.name, med.rate, o.rounds, join(rates, 0), o.jobs, med.cpu(o.jobs), describe(kind.query))
+		fmt.Fprintf(out, "riverbench figure=%s value=%.0f unit=jobs/s rounds=%d each=%s jobs=%d processes=%d%s (median round, with its CPU; %s)\n",
+			kind.name, med.rate, o.rounds, join(rates, 0), o.jobs, o.processes, med.cpu(o.jobs), describe(kind.query))
 		summary += fmt.Sprintf(" %s=%.0f", kind.name, med.rate)
 	}
 	fmt.Fprintln(out, summary)
@@ -255,27 +266,22 @@ func (r result) cpu(jobs int) string {
 	return s
 }
 
-// drain empties river_job, inserts o.jobs jobs, starts a client and waits
-// for every job's completed event. It returns jobs/s from the start to the
-// last event, and the CPU time this process and, when postmaster is not 0,
-// the server used over the same span.
-func drain(ctx context.Context, drv *riverpgxv5.Driver, pool *pgxpool.Pool, o options, query string, postmaster int) (res result, err error) {
+// drain empties river_job, inserts o.jobs jobs and works them with one
+// River client in this process, or with o.processes clients each in a
+// process of its own (drainProcesses), and waits for every job's completed
+// event. It returns jobs/s from the start to the last event, and the CPU
+// time the clients and, when postmaster is not 0, the server used over the
+// same span.
+func drain(ctx context.Context, dsn string, pool *pgxpool.Pool, o options, query string, postmaster int) (res result, err error) {
 	if _, err := pool.Exec(ctx, "truncate river_job"); err != nil {
 		return res, fmt.Errorf("empty river_job: %w", err)
 	}
 	if _, err := pool.Exec(ctx, "vacuum analyze river_job"); err != nil {
 		return res, fmt.Errorf("vacuum river_job: %w", err)
 	}
-	workers := river.NewWorkers()
-	river.AddWorker(workers, &worker{pool: pool, query: query})
-	client, err := river.NewClient(drv, &river.Config{
-		FetchCooldown:     o.cooldown,
-		FetchPollInterval: o.poll,
-		Queues:            map[string]river.QueueConfig{river.QueueDefault: {MaxWorkers: o.workers}},
-		Workers:           workers,
-	})
+	client, err := newClient(pool, o, query)
 	if err != nil {
-		return res, fmt.Errorf("river client: %w", err)
+		return res, err
 	}
 	batch := make([]river.InsertManyParams, 0, 5000)
 	for i := 0; i < o.jobs; i += cap(batch) {
@@ -287,10 +293,10 @@ func drain(ctx context.Context, drv *riverpgxv5.Driver, pool *pgxpool.Pool, o op
 			return res, fmt.Errorf("insert jobs: %w", err)
 		}
 	}
-	events, cancel := client.SubscribeConfig(&river.SubscribeConfig{
-		ChanSize: o.jobs + 1,
-		Kinds:    []river.EventKind{river.EventKindJobCompleted, river.EventKindJobFailed, river.EventKindJobCancelled},
-	})
+	if o.processes > 1 {
+		return drainProcesses(ctx, dsn, o, query, postmaster)
+	}
+	events, cancel := subscribe(client, o.jobs)
 	defer cancel()
 	s0, err := serverCPU(postmaster)
 	if err != nil {
@@ -301,10 +307,8 @@ func drain(ctx context.Context, drv *riverpgxv5.Driver, pool *pgxpool.Pool, o op
 		return res, fmt.Errorf("start the client: %w", err)
 	}
 	defer func() {
-		sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		defer scancel()
-		if serr := client.Stop(sctx); serr != nil && err == nil {
-			err = fmt.Errorf("stop the client: %w", serr)
+		if serr := stopClient(ctx, client); serr != nil && err == nil {
+			err = serr
 		}
 	}()
 	var last time.Time
@@ -328,6 +332,40 @@ func drain(ctx context.Context, drv *riverpgxv5.Driver, pool *pgxpool.Pool, o op
 		return res, err
 	}
 	return result{rate: float64(o.jobs) / last.Sub(t0).Seconds(), process: c1 - c0, server: s1 - s0, onSrv: postmaster != 0}, nil
+}
+
+// newClient is a River client on pool whose worker runs query.
+func newClient(pool *pgxpool.Pool, o options, query string) (*river.Client[pgx.Tx], error) {
+	workers := river.NewWorkers()
+	river.AddWorker(workers, &worker{pool: pool, query: query})
+	client, err := river.NewClient(riverpgxv5.New(pool), &river.Config{
+		FetchCooldown:     o.cooldown,
+		FetchPollInterval: o.poll,
+		Queues:            map[string]river.QueueConfig{river.QueueDefault: {MaxWorkers: o.workers}},
+		Workers:           workers,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("river client: %w", err)
+	}
+	return client, nil
+}
+
+// subscribe is the client's channel of the events that end a job.
+func subscribe(client *river.Client[pgx.Tx], jobs int) (<-chan *river.Event, func()) {
+	return client.SubscribeConfig(&river.SubscribeConfig{
+		ChanSize: jobs + 1,
+		Kinds:    []river.EventKind{river.EventKindJobCompleted, river.EventKindJobFailed, river.EventKindJobCancelled},
+	})
+}
+
+// stopClient stops a started client, waiting up to 30 s for its jobs.
+func stopClient(ctx context.Context, client *river.Client[pgx.Tx]) error {
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	if err := client.Stop(sctx); err != nil {
+		return fmt.Errorf("stop the client: %w", err)
+	}
+	return nil
 }
 
 // serverCPU is the CPU time the server whose postmaster this is has used so

@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -16,6 +18,18 @@ import (
 	"github.com/asyncnode/asyncnode/internal/pglocal"
 )
 
+// TestMain lets the test binary play riverbench's child processes.
+func TestMain(m *testing.M) {
+	if isChild() {
+		if err := childMain(context.Background(), os.Args[1:], os.Stdin, os.Stdout); err != nil {
+			fmt.Fprintf(os.Stderr, "riverbench child: %v\n", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
 func TestParseFlagsRefusesBadInput(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
@@ -24,6 +38,7 @@ func TestParseFlagsRefusesBadInput(t *testing.T) {
 		{[]string{"--jobs", "0"}, "--jobs must be between 1 and 10000000, got 0"},
 		{[]string{"--rounds", "21"}, "--rounds must be between 1 and 20, got 21"},
 		{[]string{"--workers", "0"}, "--workers must be between 1 and 10000, got 0"},
+		{[]string{"--processes", "10"}, "--processes must be between 1 and 9, got 10"},
 		{[]string{"--conns", "-1"}, "--conns must be between 0 and 1000, got -1"},
 		{[]string{"--fetch-cooldown", "500us"}, "--fetch-cooldown must be at least 1ms, got 500µs"},
 		{[]string{"--fetch-poll", "1ms"}, "--fetch-poll (1ms) must not be shorter than --fetch-cooldown (2ms)"},
@@ -42,16 +57,17 @@ func TestParseFlagsRefusesBadInput(t *testing.T) {
 func TestParseFlagsDefaultsAreRiverBenchmarks(t *testing.T) {
 	o, err := parseFlags(nil, io.Discard)
 	require.NoError(t, err)
-	require.Equal(t, options{jobs: 20000, rounds: 3, workers: 2000, cooldown: 2 * time.Millisecond, poll: 20 * time.Millisecond}, o)
+	require.Equal(t, options{jobs: 20000, rounds: 3, processes: 1, workers: 2000, cooldown: 2 * time.Millisecond, poll: 20 * time.Millisecond}, o)
 }
 
 // figureLine is the median line of one figure.
-var figureLine = regexp.MustCompile(`(?m)^riverbench figure=(\w+) value=(\d+) unit=jobs/s rounds=(\d+) each=([\d,]+) jobs=(\d+) process_cpu_us_per_job=[\d.]+ \(`)
+var figureLine = regexp.MustCompile(`(?m)^riverbench figure=(\w+) value=(\d+) unit=jobs/s rounds=(\d+) each=([\d,]+) jobs=(\d+) processes=(\d+) process_cpu_us_per_job=[\d.]+ \(`)
 
-// TestRunDrainsEveryJobAndRefusesForeignJobs runs two rounds on a database
-// of a throwaway server, checks that each figure is the median of its
-// rounds and that every job completed, then that a database holding a job
-// of another kind is refused and keeps it.
+// TestRunDrainsEveryJobAndRefusesForeignJobs runs two rounds with two
+// child processes on a database of a throwaway server, checks that each
+// figure is the median of its rounds, that every job completed and that both
+// children's clients worked jobs, then that a database holding a job of
+// another kind is refused and keeps it.
 func TestRunDrainsEveryJobAndRefusesForeignJobs(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -61,7 +77,7 @@ func TestRunDrainsEveryJobAndRefusesForeignJobs(t *testing.T) {
 	dsn := pg.DSN("postgres")
 
 	var out bytes.Buffer
-	o := options{dsn: dsn, jobs: 300, rounds: 2, workers: 50, cooldown: 2 * time.Millisecond, poll: 20 * time.Millisecond}
+	o := options{dsn: dsn, jobs: 300, rounds: 2, processes: 2, workers: 10, cooldown: 2 * time.Millisecond, poll: 20 * time.Millisecond}
 	require.NoError(t, run(ctx, o, &out))
 	text := out.String()
 	t.Log(text)
@@ -73,6 +89,7 @@ func TestRunDrainsEveryJobAndRefusesForeignJobs(t *testing.T) {
 		require.Equal(t, name, m[i][1])
 		require.Equal(t, "2", m[i][3])
 		require.Equal(t, "300", m[i][5])
+		require.Equal(t, "2", m[i][6], "processes")
 		each := strings.Split(m[i][4], ",")
 		require.Len(t, each, 2)
 		rounds := regexp.MustCompile(`(?m)^riverbench round=\d figure=`+name+` value=(\d+) `).FindAllStringSubmatch(text, -1)
@@ -91,6 +108,9 @@ func TestRunDrainsEveryJobAndRefusesForeignJobs(t *testing.T) {
 	require.NoError(t, conn.QueryRow(ctx, "select count(*) filter (where state = 'completed'), count(*) from river_job").Scan(&completed, &total))
 	require.Equal(t, 300, total, "the last round's jobs are still there")
 	require.Equal(t, 300, completed)
+	var workedBy int
+	require.NoError(t, conn.QueryRow(ctx, "select count(distinct attempted_by[1]) from river_job").Scan(&workedBy))
+	require.Equal(t, 2, workedBy, "both children's clients worked jobs of the last round")
 
 	_, err = conn.Exec(ctx, "insert into river_job (kind, args, max_attempts) values ('someone_else', '{}', 25)")
 	require.NoError(t, err)
@@ -106,7 +126,7 @@ func TestRunOnAThrowawayServerGivesItsCPU(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var out bytes.Buffer
-	o := options{jobs: 2000, rounds: 1, workers: 50, cooldown: 2 * time.Millisecond, poll: 20 * time.Millisecond}
+	o := options{jobs: 2000, rounds: 1, processes: 1, workers: 50, cooldown: 2 * time.Millisecond, poll: 20 * time.Millisecond}
 	require.NoError(t, run(ctx, o, &out))
 	t.Log(out.String())
 	require.Contains(t, out.String(), "on a throwaway PostgreSQL")
@@ -124,4 +144,18 @@ func atoi(t *testing.T, s string) int {
 	n, err := strconv.Atoi(s)
 	require.NoError(t, err)
 	return n
+}
+
+// A child that fails is an error that says which child, when, and what it
+// wrote on its standard error; riverbench does not wait for its jobs.
+func TestDrainProcessesReportsAFailedChild(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// Nothing listens on that port: the children get as far as starting
+	// their clients.
+	dsn := "host=127.0.0.1 port=1 user=postgres dbname=none connect_timeout=5"
+	o := options{jobs: 10, rounds: 1, processes: 2, workers: 5, cooldown: 2 * time.Millisecond, poll: 20 * time.Millisecond}
+	_, err := drainProcesses(ctx, dsn, o, "select 0", 0)
+	require.Error(t, err)
+	require.Regexp(t, `^child [12] ended while riverbench waited for the jobs to complete: riverbench child: start the client: `, err.Error())
 }
