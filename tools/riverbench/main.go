@@ -69,9 +69,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if isChild() {
-		if err := childMain(ctx, os.Args[1:], os.Stdin, os.Stdout); err != nil {
-			fmt.Fprintf(os.Stderr, "riverbench child: %v\n", err)
-			os.Exit(1)
+		if code := runChild(ctx); code != 0 {
+			stop()
+			os.Exit(code)
 		}
 		return
 	}

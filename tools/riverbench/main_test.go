@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"io"
 	"os"
 	"regexp"
@@ -21,11 +20,7 @@ import (
 // TestMain lets the test binary play riverbench's child processes.
 func TestMain(m *testing.M) {
 	if isChild() {
-		if err := childMain(context.Background(), os.Args[1:], os.Stdin, os.Stdout); err != nil {
-			fmt.Fprintf(os.Stderr, "riverbench child: %v\n", err)
-			os.Exit(1)
-		}
-		os.Exit(0)
+		os.Exit(runChild(context.Background()))
 	}
 	os.Exit(m.Run())
 }

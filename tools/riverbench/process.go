@@ -41,6 +41,17 @@ const (
 // isChild reports whether this process is a child of another riverbench.
 func isChild() bool { return os.Getenv(childEnv) != "" }
 
+// runChild runs this process as a child (childMain on its arguments and
+// standard streams) and returns its exit code; an error goes to standard
+// error, where the parent reads it. main and the tests' TestMain both call it.
+func runChild(ctx context.Context) int {
+	if err := childMain(ctx, os.Args[1:], os.Stdin, os.Stdout); err != nil {
+		fmt.Fprintf(os.Stderr, "riverbench child: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
 // childMain runs a child: flags from args, the rest from the environment.
 func childMain(ctx context.Context, args []string, in io.Reader, out io.Writer) error {
 	o, err := parseFlags(args, io.Discard)
