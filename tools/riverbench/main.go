@@ -3,8 +3,8 @@
 // throughput can be read beside it (docs/performance.md, "A job queue on the
 // same machine").
 //
-// It is a module of its own: asyncnode never depends on River, and `make
-// test` never builds this. `make bench-river` runs it.
+// It is a module of its own, so that asyncnode never depends on River;
+// `make test` and `make lint` vet and test it too. `make bench-river` runs it.
 //
 // Each round drains --jobs River jobs inserted before the client starts,
 // twice: once with a worker that runs one `select 0` on the client's pool

@@ -98,7 +98,10 @@ func childMain(ctx context.Context, args []string, in io.Reader, out io.Writer) 
 			return ctx.Err()
 		case <-stop:
 			running = false
-		case ev := <-events:
+		case ev, ok := <-events:
+			if !ok {
+				return errors.New("the client closed its event channel before its input ended")
+			}
 			if ev.Kind == river.EventKindJobCompleted {
 				completed++
 			} else {
